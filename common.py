@@ -1,0 +1,571 @@
+"""Shared plumbing for the algorithm scripts: loading, rollout, log-probs, tasks, rewards, evaluation.
+
+No loss or advantage code lives here: that is each script's own business.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+ROOT = Path(__file__).resolve().parent
+TINY_MODEL = ROOT / "assets" / "tiny-qwen2"
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line, exit code 2, no traceback."""
+
+
+def fail(message: str):
+    """Print a one-line error and exit 2. Scripts call this for user errors only."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check(condition: bool, message: str):
+    if not condition:
+        raise UserError(message)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too
+
+
+def get_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 compute over fp32 master weights on CUDA; plain fp32 on the CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_model_path(name: str) -> str:
+    """`tiny` is the model shipped in assets/; anything else is a hub id or a local folder."""
+    return str(TINY_MODEL) if name == "tiny" else name
+
+
+def is_tiny(name: str) -> bool:
+    return Path(resolve_model_path(name)).resolve() == TINY_MODEL
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {name}: no tokenizer found as a local folder or hub id ({_first_line(e)})")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # pad == EOS is fine: masks come from positions
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(name: str, device: torch.device, gradient_checkpointing: bool = False):
+    """Policy weights in fp32 (master copy); bf16 compute comes from `autocast` on CUDA."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {name}: no model found as a local folder or hub id ({_first_line(e)})")
+    model.to(device)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model
+
+
+def load_reference(policy):
+    """The frozen reference: a copy of the initial policy. Scripts call this only when they need it."""
+    import copy
+
+    ref = copy.deepcopy(policy)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS plus the model's generation EOS ids."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def save_checkpoint(model, tokenizer, path: str | Path):
+    """Write to a temporary folder, then rename into place: a kill mid-save never leaves half a checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollout
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor  # (B, P + T) left-padded prompt followed by the completion
+    attention_mask: torch.Tensor  # (B, P + T) 0 on left padding only
+    prompt_len: int  # P, the padded prompt width
+    completion_ids: torch.Tensor  # (B, T)
+    completion_mask: torch.Tensor  # (B, T) float, 1 up to and including the first EOS
+    lengths: torch.Tensor  # (B,) long, tokens per completion (EOS counted)
+    truncated: torch.Tensor  # (B,) bool, no EOS within max_new_tokens
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]):
+    """Mask from positions: 1 up to and including the first EOS, all ones if there is none.
+
+    Never compares with the pad id, so pad == EOS still trains the EOS token.
+    Returns (mask float (B, T), lengths long (B,), truncated bool (B,)).
+    """
+    B, T = completion_ids.shape
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
+    truncated = ~is_eos.any(dim=1)
+    first_eos = torch.where(truncated, T - 1, is_eos.int().argmax(dim=1))  # argmax finds the first True
+    positions = torch.arange(T, device=completion_ids.device)
+    mask = (positions[None, :] <= first_eos[:, None]).float()
+    return mask, first_eos + 1, truncated
+
+
+def format_prompt(tokenizer, prompt: str, use_chat_template: bool) -> str:
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    eos_ids: list[int],
+    greedy: bool = False,
+) -> Rollout:
+    """Sample `group_size` completions per prompt, each prompt's completions contiguous (row i*G + j)."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    input_ids = enc.input_ids.repeat_interleave(group_size, dim=0)
+    attention_mask = enc.attention_mask.repeat_interleave(group_size, dim=0)
+    # Plain sampling at `temperature`: no top-k/top-p/repetition penalty from the model's own generation
+    # config, so the sampling distribution is exactly softmax(logits / temperature), as the log-probs assume.
+    config = GenerationConfig(
+        do_sample=not greedy,
+        temperature=temperature if not greedy else None,
+        top_k=None,
+        top_p=None,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
+    was_training = model.training
+    model.eval()
+    with autocast(device):
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    model.train(was_training)
+    P = input_ids.shape[1]
+    completion_ids = out[:, P:]
+    T = completion_ids.shape[1]
+    if T < max_new_tokens:  # generate stops early when every row has finished: pad to a fixed width
+        completion_ids = F.pad(completion_ids, (0, max_new_tokens - T), value=tokenizer.pad_token_id)
+    mask, lengths, truncated = completion_mask(completion_ids, eos_ids)
+    full_ids = torch.cat([input_ids, completion_ids], dim=1)
+    full_attention = torch.cat([attention_mask, torch.ones_like(completion_ids)], dim=1)
+    return Rollout(full_ids, full_attention, P, completion_ids, mask, lengths, truncated)
+
+
+def _token_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
+    logits = lm_head(hidden).float() / temperature
+    logsumexp = logits.logsumexp(dim=-1)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logsumexp
+    if not with_entropy:
+        return logp, None
+    probs = (logits - logsumexp[:, None]).exp()
+    entropy = logsumexp - (probs * logits).sum(-1)
+    return logp, entropy
+
+
+def completion_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_len: int,
+    temperature: float,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+):
+    """Log-prob of every completion token under `model` at the sampling temperature, shape (B, T).
+
+    The backbone runs once; the vocabulary projection runs over completion positions only, `chunk_size`
+    tokens at a time, so the (B, T, vocab) float32 logits never exist at once. With gradients on, each
+    chunk is recomputed in the backward pass (activation checkpointing) instead of keeping its logits.
+    Entropy (of softmax(logits / temperature)) is returned without gradient when asked for.
+    """
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # same positions as `generate` used
+    device = input_ids.device
+    with autocast(device):
+        hidden = model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+    # position p predicts token p + 1: completion token t is predicted from position P - 1 + t
+    hidden = hidden[:, prompt_len - 1 : -1]
+    B, T, H = hidden.shape
+    flat_hidden = hidden.reshape(B * T, H)
+    targets = input_ids[:, prompt_len:].reshape(B * T)
+    lm_head = model.get_output_embeddings()
+    logps, entropies = [], []
+    for start in range(0, B * T, chunk_size):
+        h, y = flat_hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        with autocast(device):
+            if torch.is_grad_enabled():
+                logp = checkpoint(_token_logprobs, lm_head, h, y, temperature, False, use_reentrant=False)[0]
+            else:
+                logp = _token_logprobs(lm_head, h, y, temperature, False)[0]
+        logps.append(logp)
+        if with_entropy:
+            with torch.no_grad(), autocast(device):
+                entropies.append(_token_logprobs(lm_head, h.detach(), y, temperature, True)[1])
+    logp = torch.cat(logps).view(B, T)
+    entropy = torch.cat(entropies).view(B, T) if with_entropy else None
+    return logp, entropy
+
+
+# ----------------------------------------------------------------------------------------------
+# Rewards: parse model output safely; garbage or hostile output scores 0, never raises
+# ----------------------------------------------------------------------------------------------
+
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+MAX_EXPRESSION_CHARS = 200
+MAX_ABS_VALUE = 10**9
+
+
+def extract_answer_tag(text: str) -> Optional[str]:
+    """Content of the last <answer>...</answer>, or None."""
+    found = ANSWER_TAG.findall(text)
+    return found[-1].strip() if found else None
+
+
+def parse_number(text: str) -> Optional[Fraction]:
+    """An exact number from text like '1,234', '-5', '3.50', '$12'; None if it is not one number."""
+    text = text.strip().replace(",", "").lstrip("$").rstrip(".").strip()
+    if len(text) > 40 or not re.fullmatch(r"-?\d+(?:\.\d+)?", text):
+        return None
+    return Fraction(text)
+
+
+def numeric_answer(text: str) -> Optional[Fraction]:
+    """The number in the answer tag; if the tag holds more than a number, the last number inside it.
+
+    The last-number fallback looks only inside the tag: numbers elsewhere in the reasoning never count.
+    """
+    inside = extract_answer_tag(text)
+    if inside is None:
+        return None
+    value = parse_number(inside)
+    if value is None:
+        numbers = NUMBER.findall(inside)
+        value = parse_number(numbers[-1]) if numbers else None
+    return value
+
+
+def safe_eval_arithmetic(expression: str) -> Optional[tuple[Fraction, list[int]]]:
+    """Evaluate + - * / over integer literals exactly, without `eval`.
+
+    Returns (value, the integer literals used) or None for anything else: names, calls, attributes,
+    powers, literals or intermediate values beyond 1e9, division by zero, over-long input.
+    """
+    if len(expression) > MAX_EXPRESSION_CHARS:
+        return None
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return None
+    literals: list[int] = []
+
+    def walk(node) -> Fraction:
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            if abs(node.value) > MAX_ABS_VALUE:
+                raise ValueError("literal too large")
+            literals.append(node.value)
+            return Fraction(node.value)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            value = walk(node.operand)
+            return -value if isinstance(node.op, ast.USub) else value
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+            left, right = walk(node.left), walk(node.right)
+            if isinstance(node.op, ast.Add):
+                value = left + right
+            elif isinstance(node.op, ast.Sub):
+                value = left - right
+            elif isinstance(node.op, ast.Mult):
+                value = left * right
+            else:
+                if right == 0:
+                    raise ZeroDivisionError
+                value = left / right
+            if abs(value) > MAX_ABS_VALUE:
+                raise ValueError("value too large")
+            return value
+        raise ValueError(f"not allowed: {type(node).__name__}")
+
+    try:
+        return walk(tree), literals
+    except (ValueError, ZeroDivisionError, RecursionError):
+        return None
+
+
+def arithmetic_reward(completion: str, answer: int) -> float:
+    """1 if the completion is exactly the integer answer (surrounding spaces ignored), else 0."""
+    text = completion.strip()
+    return float(len(text) <= 20 and re.fullmatch(r"-?\d+", text) is not None and int(text) == answer)
+
+
+def countdown_reward(completion: str, answer: dict) -> float:
+    """1 if the equation in the answer tag uses each given number exactly once and equals the target."""
+    inside = extract_answer_tag(completion)
+    if inside is None:
+        return 0.0
+    inside = inside.split("=")[0]  # accept "a + b = target"
+    result = safe_eval_arithmetic(inside)
+    if result is None:
+        return 0.0
+    value, used = result
+    return float(sorted(used) == sorted(answer["numbers"]) and value == answer["target"])
+
+
+def numeric_reward(completion: str, answer: str) -> float:
+    """1 if the number in the answer tag equals the reference number (commas, '$' ignored), else 0."""
+    expected = parse_number(str(answer))
+    got = numeric_answer(completion)
+    return float(expected is not None and got is not None and got == expected)
+
+
+def exact_reward(completion: str, answer: str) -> float:
+    """For jsonl rows: numeric comparison when the reference is a number, else exact text in the tag."""
+    if parse_number(str(answer)) is not None:
+        return numeric_reward(completion, answer)
+    inside = extract_answer_tag(completion)
+    return float(inside is not None and inside.strip() == str(answer).strip())
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Task:
+    name: str
+    train: list[dict]  # rows with "prompt" and "answer"
+    eval: list[dict]  # fixed held-out rows, never trained on
+    reward_fn: Callable[[str, object], float]
+    use_chat_template: bool
+
+
+class PromptStream:
+    """Endless shuffled passes over the training rows; `position` says how far it has read."""
+
+    def __init__(self, rows: list[dict], seed: int):
+        self.rows, self.rng, self.order, self.position = rows, random.Random(seed), [], 0
+
+    def next(self, n: int) -> list[dict]:
+        batch = []
+        while len(batch) < n:
+            if not self.order:
+                self.order = list(range(len(self.rows)))
+                self.rng.shuffle(self.order)
+            batch.append(self.rows[self.order.pop()])
+            self.position += 1
+        return batch
+
+
+ARITHMETIC_EVAL_SIZE = 20
+
+
+def arithmetic_task() -> Task:
+    """Single-digit addition `a+b=` -> `a+b`; 20 of the 100 pairs are held out (fixed, seed 0)."""
+    rows = [{"prompt": f"{a}+{b}=", "answer": a + b} for a in range(10) for b in range(10)]
+    random.Random(0).shuffle(rows)
+    return Task("arithmetic", rows[ARITHMETIC_EVAL_SIZE:], rows[:ARITHMETIC_EVAL_SIZE], arithmetic_reward, False)
+
+
+COUNTDOWN_PROMPT = (
+    "Using the numbers {numbers}, create an equation that equals {target}. You can use basic arithmetic "
+    "operations (+, -, *, /) and each number must be used exactly once. Think step by step, then give the "
+    "equation in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>."
+)
+
+
+def make_countdown(rng: random.Random) -> dict:
+    """A TinyZero-style puzzle: 3 or 4 numbers in 1..99 combined by a random expression with an
+    integer target in 1..999 (so a solution is known to exist)."""
+    while True:
+        numbers = [rng.randint(1, 99) for _ in range(rng.choice([3, 4]))]
+        order = numbers[:]
+        rng.shuffle(order)
+        value = Fraction(order[0])
+        for n in order[1:]:
+            value = rng.choice([value + n, value - n, value * n, value / n])
+        if value.denominator == 1 and 1 <= value <= 999:
+            target = int(value)
+            prompt = COUNTDOWN_PROMPT.format(numbers=numbers, target=target)
+            return {"prompt": prompt, "answer": {"numbers": numbers, "target": target}}
+
+
+def countdown_task(num_train: int = 20000, num_eval: int = 200) -> Task:
+    rng = random.Random(0)
+    eval_rows = [make_countdown(rng) for _ in range(num_eval)]
+    held_out = {row["prompt"] for row in eval_rows}
+    train = [row for row in (make_countdown(rng) for _ in range(num_train)) if row["prompt"] not in held_out]
+    return Task("countdown", train, eval_rows, countdown_reward, True)
+
+
+GSM8K_PROMPT = "{question}\nSolve it step by step, then give the final number in <answer> </answer> tags."
+
+
+def gsm8k_task(num_eval: int = 500) -> Task:
+    """GSM8K (openai/gsm8k, main): train split for training, the first `num_eval` test rows held out."""
+    try:
+        from datasets import load_dataset
+
+        data = load_dataset("openai/gsm8k", "main")
+    except Exception as e:  # no network, no cache: say so in one line
+        raise UserError(f"--task gsm8k: could not load openai/gsm8k with `datasets` ({_first_line(e)})")
+
+    def rows(split):
+        return [
+            {"prompt": GSM8K_PROMPT.format(question=r["question"]), "answer": gsm8k_reference(r["answer"])}
+            for r in split
+        ]
+
+    return Task("gsm8k", rows(data["train"]), rows(data["test"])[:num_eval], numeric_reward, True)
+
+
+def gsm8k_reference(solution: str) -> str:
+    """The reference answer is the text after '####', with thousands separators removed."""
+    return solution.split("####")[-1].strip().replace(",", "")
+
+
+def jsonl_task(path: str) -> Task:
+    """Rows {"prompt": ..., "answer": ...}; a fixed 10% (at least one row) is held out."""
+    file = Path(path)
+    check(file.is_file(), f"--task jsonl:{path}: file not found")
+    rows = []
+    with open(file, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"--task jsonl:{path}: line {number} is not valid JSON")
+            check(
+                isinstance(row, dict) and "prompt" in row and "answer" in row,
+                f"--task jsonl:{path}: line {number} needs both 'prompt' and 'answer'",
+            )
+            rows.append({"prompt": str(row["prompt"]), "answer": str(row["answer"])})
+    check(len(rows) >= 2, f"--task jsonl:{path}: needs at least 2 rows (one is held out), found {len(rows)}")
+    random.Random(0).shuffle(rows)
+    num_eval = max(1, len(rows) // 10)
+    return Task(f"jsonl:{path}", rows[num_eval:], rows[:num_eval], exact_reward, True)
+
+
+TASKS = "arithmetic, countdown, gsm8k, jsonl:PATH"
+
+
+def load_task(name: str) -> Task:
+    if name == "arithmetic":
+        return arithmetic_task()
+    if name == "countdown":
+        return countdown_task()
+    if name == "gsm8k":
+        return gsm8k_task()
+    if name.startswith("jsonl:"):
+        return jsonl_task(name[len("jsonl:") :])
+    raise UserError(f"--task {name}: unknown task; choose one of {TASKS}")
+
+
+def score(task: Task, completions: list[str], rows: list[dict], group_size: int) -> torch.Tensor:
+    """Reward of each completion; row i*G + j answers prompt i."""
+    return torch.tensor(
+        [task.reward_fn(text, rows[i // group_size]["answer"]) for i, text in enumerate(completions)],
+        dtype=torch.float32,
+    )
+
+
+def decode_completions(tokenizer, rollout: Rollout) -> list[str]:
+    ids = (rollout.completion_ids * rollout.completion_mask.long()).tolist()
+    lengths = rollout.lengths.tolist()
+    return tokenizer.batch_decode([row[:n] for row, n in zip(ids, lengths)], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, task: Task, max_new_tokens: int, eos_ids: list[int], batch_size: int = 64):
+    """Greedy accuracy on the fixed held-out rows. Returns (accuracy, [(prompt, completion, reward)])."""
+    rewards, samples = [], []
+    for start in range(0, len(task.eval), batch_size):
+        rows = task.eval[start : start + batch_size]
+        prompts = [format_prompt(tokenizer, r["prompt"], task.use_chat_template) for r in rows]
+        rollout = generate(model, tokenizer, prompts, 1, max_new_tokens, 1.0, eos_ids, greedy=True)
+        completions = decode_completions(tokenizer, rollout)
+        batch_rewards = score(task, completions, rows, 1)
+        rewards.append(batch_rewards)
+        samples += [(r["prompt"], c, float(x)) for r, c, x in zip(rows, completions, batch_rewards)]
+    accuracy = torch.cat(rewards).eq(1.0).float().mean().item()
+    return accuracy, samples

@@ -1,0 +1,334 @@
+"""GRPO: Group Relative Policy Optimization (DeepSeekMath, arXiv 2402.03300, eq. 3-4, section 4.1.2).
+
+For each prompt, sample a group of G completions, score them, and use the group-normalised reward as
+the advantage of every token of a completion; no critic. The policy loss is PPO's clipped surrogate
+plus a k3 KL penalty to the frozen initial policy, averaged per sequence and then over sequences.
+
+Project decisions (see ../shared/ALGORITHMS.md):
+- std is the unbiased (N-1) one and eps = 1e-4 is added to it; an all-equal group gets zero advantage.
+- Aggregation is seq-mean-token-mean; the KL term sits inside the same average.
+- `old_logp` is computed once per rollout batch. With the defaults (1 epoch, 1 minibatch) the ratio is
+  exactly 1 and clipping is inactive: the update is the plain policy gradient plus the KL term, as the
+  paper's "single update per exploration stage". Raise --update-epochs / --num-minibatches to go off-policy.
+- Defaults left as None are resolved from a preset: `tiny` for the embedded model (fast CPU run on the
+  arithmetic task) and `paper` for any other model (lr 1e-6, beta 0.04, GSM8K). They are printed at start.
+"""
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import torch
+import tyro
+from tqdm import tqdm
+
+import common
+
+
+@dataclass
+class Args:
+    exp_name: str = "grpo"
+    """name of this experiment (run name in Weights and Biases)"""
+    seed: int = 1
+    """seed of python and torch random number generators"""
+    model: str = "tiny"
+    """hub id or local folder of a causal LM; `tiny` is the 2-layer model shipped in assets/"""
+    task: Optional[str] = None
+    """arithmetic, countdown, gsm8k or jsonl:PATH (default: from the preset)"""
+    preset: Literal["auto", "tiny", "paper"] = "auto"
+    """where unset defaults come from: `auto` picks `tiny` for the embedded model, `paper` otherwise"""
+    device: str = "auto"
+    """`cuda` when available, else `cpu`"""
+    num_steps: Optional[int] = None
+    """rollout batches to train on (default: from the preset)"""
+    num_prompts: int = 16
+    """prompts per rollout batch"""
+    group_size: int = 16
+    """completions sampled per prompt (G)"""
+    max_new_tokens: Optional[int] = None
+    """maximum completion length (default: from the preset)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are computed at the same temperature"""
+    learning_rate: Optional[float] = None
+    """AdamW learning rate (default: from the preset)"""
+    beta: Optional[float] = None
+    """KL coefficient (default: from the preset); 0 loads no reference model"""
+    clip_eps: float = 0.2
+    """PPO clipping range, symmetric"""
+    adv_eps: float = 1e-4
+    """added to the group std in the advantage denominator"""
+    update_epochs: int = 1
+    """passes over each rollout batch"""
+    num_minibatches: int = 1
+    """optimizer steps per pass (the rollout batch is shuffled and split)"""
+    micro_batch_size: Optional[int] = None
+    """rows per forward/backward (gradient accumulation); default: the whole minibatch"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory"""
+    logprob_chunk_size: int = 1024
+    """completion tokens projected onto the vocabulary at a time"""
+    eval_every: Optional[int] = None
+    """evaluate greedy held-out accuracy every N steps (default: from the preset); 0 turns it off"""
+    save_dir: Optional[str] = None
+    """folder for checkpoints (save_pretrained format); none are written if unset"""
+    save_every: int = 0
+    """write a checkpoint every N steps (0: only at the end, when --save-dir is set)"""
+    track: bool = False
+    """log to Weights and Biases"""
+    wandb_project: str = "rl-post-training"
+    """Weights and Biases project"""
+    wandb_entity: Optional[str] = None
+    """Weights and Biases entity (team)"""
+
+
+# Values for the fields left as None. `tiny`: the embedded model learns arithmetic in about a minute on
+# a CPU. `paper`: DeepSeekMath's GRPO settings (lr 1e-6, beta 0.04) on GSM8K.
+PRESETS = {
+    "tiny": dict(task="arithmetic", num_steps=200, max_new_tokens=4, learning_rate=5e-4, beta=0.04, eval_every=50),
+    "paper": dict(task="gsm8k", num_steps=1000, max_new_tokens=512, learning_rate=1e-6, beta=0.04, eval_every=50),
+}
+
+
+def resolve_args(args: Args) -> Args:
+    preset = args.preset if args.preset != "auto" else ("tiny" if common.is_tiny(args.model) else "paper")
+    for field, value in PRESETS[preset].items():
+        if getattr(args, field) is None:
+            setattr(args, field, value)
+    args.preset = preset
+    return args
+
+
+def validate_args(args: Args):
+    check = common.check
+    check(args.group_size >= 2, f"--group-size {args.group_size}: must be at least 2 (advantages compare a group)")
+    check(args.num_prompts >= 1, f"--num-prompts {args.num_prompts}: must be at least 1")
+    check(args.num_steps >= 1, f"--num-steps {args.num_steps}: must be at least 1")
+    check(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    check(args.temperature > 0, f"--temperature {args.temperature}: must be positive")
+    check(args.learning_rate > 0, f"--learning-rate {args.learning_rate}: must be positive")
+    check(args.beta >= 0, f"--beta {args.beta}: must be 0 or more")
+    check(args.clip_eps >= 0, f"--clip-eps {args.clip_eps}: must be 0 or more")
+    check(args.adv_eps >= 0, f"--adv-eps {args.adv_eps}: must be 0 or more")
+    check(args.max_grad_norm > 0, f"--max-grad-norm {args.max_grad_norm}: must be positive")
+    check(args.update_epochs >= 1, f"--update-epochs {args.update_epochs}: must be at least 1")
+    check(args.logprob_chunk_size >= 1, f"--logprob-chunk-size {args.logprob_chunk_size}: must be at least 1")
+    batch = args.num_prompts * args.group_size
+    check(
+        args.num_minibatches >= 1 and batch % args.num_minibatches == 0,
+        f"--num-minibatches {args.num_minibatches}: must divide the rollout batch of {batch} completions"
+        f" (--num-prompts x --group-size)",
+    )
+    minibatch = batch // args.num_minibatches
+    micro = args.micro_batch_size or minibatch
+    check(
+        micro >= 1 and minibatch % micro == 0,
+        f"--micro-batch-size {args.micro_batch_size}: must divide the minibatch of {minibatch} completions",
+    )
+    check(args.eval_every >= 0 and args.save_every >= 0, "--eval-every and --save-every must be 0 or more")
+
+
+def compute_advantages(rewards: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
+    """Group-relative advantage, DeepSeekMath section 4.1.2 (outcome supervision):
+    A_i = (r_i - mean(group)) / (std(group) + eps), unbiased std, one value per completion, shape (B,)."""
+    grouped = rewards.view(-1, group_size)
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, keepdim=True)  # unbiased (N-1), as ALGORITHMS.md says
+    return ((grouped - mean) / (std + eps)).view(-1)
+
+
+def compute_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: Optional[torch.Tensor],
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+    beta: float,
+):
+    """GRPO objective, DeepSeekMath eq. 3 (clipped surrogate) with the k3 KL of eq. 4, as a loss.
+
+    logp, old_logp, ref_logp, mask: (B, T) over completion tokens; advantages: (B,).
+    Returns the loss (a scalar) and a dict of detached metrics.
+    """
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
+    per_token = -surrogate
+    if beta > 0:
+        # k3 estimator of KL(pi || pi_ref), DeepSeekMath eq. 4; >= 0 per token
+        log_ratio_ref = ref_logp - logp
+        kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1
+        per_token = per_token + beta * kl
+    # seq-mean-token-mean: (1/B) sum_i (1/|o_i|) sum_t l[i, t]   (eq. 3's 1/G and 1/|o_i|)
+    lengths = mask.sum(dim=1).clamp(min=1)
+    loss = ((per_token * mask).sum(dim=1) / lengths).mean()
+
+    with torch.no_grad():
+        tokens = mask.sum().clamp(min=1)
+        clipped = ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
+        log_ratio_old = old_logp - logp
+        metrics = {
+            "loss/policy": loss.detach(),
+            "policy/clip_frac": (clipped.float() * mask).sum() / tokens,
+            # k3 between the sampling policy and the current one
+            "policy/approx_kl": ((torch.exp(log_ratio_old) - log_ratio_old - 1) * mask).sum() / tokens,
+        }
+        if beta > 0:
+            metrics["loss/kl"] = (kl * mask).sum() / tokens
+    return loss, metrics
+
+
+def accumulate_gradients(model, rollout, old_logp, ref_logp, advantages, minibatch, micro_batch_size, args):
+    """Backward pass over one minibatch (row indices), `micro_batch_size` rows at a time.
+
+    The accumulated gradient equals that of the whole minibatch at once: the loss is a mean over
+    sequences, so each micro-batch's loss is weighted by its share of the minibatch's sequences.
+    """
+    metrics = []
+    for micro in minibatch.split(micro_batch_size):
+        logp, _ = common.completion_logprobs(
+            model, rollout.input_ids[micro], rollout.attention_mask[micro], rollout.prompt_len,
+            args.temperature, args.logprob_chunk_size,
+        )
+        loss, micro_metrics = compute_policy_loss(
+            logp, old_logp[micro], None if ref_logp is None else ref_logp[micro], advantages[micro],
+            rollout.completion_mask[micro], args.clip_eps, args.beta,
+        )
+        (loss * len(micro) / len(minibatch)).backward()
+        metrics.append(micro_metrics)
+    return metrics
+
+
+def main(args: Args):
+    args = resolve_args(args)
+    validate_args(args)
+    common.seed_everything(args.seed)
+    device = common.get_device(args.device)
+    print("resolved arguments: " + ", ".join(f"{k}={v}" for k, v in asdict(args).items()))
+
+    task = common.load_task(args.task)
+    tokenizer = common.load_tokenizer(args.model)
+    model = common.load_model(args.model, device, args.gradient_checkpointing)
+    ref_model = common.load_reference(model) if args.beta > 0 else None
+    eos_ids = common.eos_token_ids(model, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    prompts = common.PromptStream(task.train, args.seed)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.exp_name, config=asdict(args))
+
+    def run_eval(step):
+        accuracy, samples = common.evaluate(model, tokenizer, task, args.max_new_tokens, eos_ids)
+        tqdm.write(f"step {step}: held-out greedy accuracy {accuracy:.3f} ({len(task.eval)} prompts)")
+        if args.track:
+            table = wandb.Table(columns=["prompt", "completion", "reward"], data=[list(s) for s in samples[:8]])
+            wandb.log({"eval/accuracy": accuracy, "eval/samples": table}, step=step)
+        return accuracy
+
+    def save(step):
+        path = os.path.join(args.save_dir, f"step_{step}")
+        common.save_checkpoint(model, tokenizer, path)
+        tqdm.write(f"saved {path}")
+
+    start_accuracy = run_eval(0) if args.eval_every else None
+    accuracy = start_accuracy
+    batch_size = args.num_prompts * args.group_size
+    minibatch_size = batch_size // args.num_minibatches
+    micro_batch_size = args.micro_batch_size or minibatch_size
+    start_time = time.time()
+    for step in tqdm(range(1, args.num_steps + 1), desc=args.exp_name, file=sys.stdout):
+        # 1. Rollout: G completions per prompt, contiguous
+        t0 = time.time()
+        rows = prompts.next(args.num_prompts)
+        texts = [common.format_prompt(tokenizer, r["prompt"], task.use_chat_template) for r in rows]
+        rollout = common.generate(
+            model, tokenizer, texts, args.group_size, args.max_new_tokens, args.temperature, eos_ids
+        )
+        completions = common.decode_completions(tokenizer, rollout)
+        time_generate = time.time() - t0
+
+        # 2. Score and advantages
+        t0 = time.time()
+        rewards = common.score(task, completions, rows, args.group_size).to(device)
+        advantages = compute_advantages(rewards, args.group_size, args.adv_eps)
+        mask = rollout.completion_mask
+
+        # 3. Log-probs of the sampling policy (old) and of the reference, once per rollout batch
+        with torch.no_grad():
+            old_logp, entropy = common.completion_logprobs(
+                model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, args.temperature,
+                args.logprob_chunk_size, with_entropy=True,
+            )
+            ref_logp = None
+            if ref_model is not None:
+                ref_logp, _ = common.completion_logprobs(
+                    ref_model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, args.temperature,
+                    args.logprob_chunk_size,
+                )
+
+        # 4. update_epochs x num_minibatches optimizer steps, each accumulated over micro-batches
+        step_metrics = []
+        for epoch in range(args.update_epochs):
+            order = torch.randperm(batch_size, device=device)
+            for minibatch in order.split(minibatch_size):
+                optimizer.zero_grad(set_to_none=True)
+                step_metrics += accumulate_gradients(
+                    model, rollout, old_logp, ref_logp, advantages, minibatch, micro_batch_size, args
+                )
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+        time_train = time.time() - t0
+
+        # 5. Logging: one host sync per step
+        tokens = mask.sum()
+        logged = {k: torch.stack([m[k] for m in step_metrics]).mean() for k in step_metrics[0]}
+        logged.update({
+            "reward/mean": rewards.mean(),
+            "reward/std": rewards.std(),
+            "completion/mean_length": rollout.lengths.float().mean(),
+            "completion/truncated_frac": rollout.truncated.float().mean(),
+            "policy/entropy": (entropy * mask).sum() / tokens,
+            "optim/grad_norm": grad_norm,
+            "groups/zero_std_frac": (rewards.view(-1, args.group_size).std(dim=1) == 0).float().mean(),
+        })
+        logged = {k: float(v) for k, v in logged.items()}
+        logged.update({
+            "optim/lr": optimizer.param_groups[0]["lr"],
+            "perf/tokens_per_sec": logged["completion/mean_length"] * batch_size / (time_generate + time_train),
+            "perf/time_generate": time_generate,
+            "perf/time_train": time_train,
+        })
+        tqdm.write(
+            f"step {step}: reward {logged['reward/mean']:.3f}  loss {logged['loss/policy']:+.4f}"
+            f"  kl {logged.get('loss/kl', 0.0):.4f}  len {logged['completion/mean_length']:.1f}"
+            f"  grad {logged['optim/grad_norm']:.3f}  {logged['perf/tokens_per_sec']:.0f} tok/s"
+        )
+        if args.track:
+            wandb.log(logged, step=step)
+        if args.eval_every and step % args.eval_every == 0 and step != args.num_steps:
+            accuracy = run_eval(step)
+        if args.save_dir and args.save_every and step % args.save_every == 0:
+            save(step)
+
+    if args.eval_every:
+        accuracy = run_eval(args.num_steps)
+        print(f"held-out greedy accuracy: start {start_accuracy:.3f} -> end {accuracy:.3f}"
+              f" ({time.time() - start_time:.0f}s of training)")
+    if args.save_dir:
+        save(args.num_steps)
+    if args.track:
+        wandb.finish()
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except common.UserError as e:
+        common.fail(str(e))

@@ -1,0 +1,121 @@
+"""GRPO math (grpo.py) against cases worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+import common
+import grpo
+
+
+def test_advantages_one_group():
+    # rewards 1,0,0,0: mean 0.25, deviations 0.75,-0.25,-0.25,-0.25
+    # sum of squares 0.5625 + 3*0.0625 = 0.75; unbiased var 0.75/3 = 0.25; std 0.5; + eps 1e-4 -> 0.5001
+    adv = grpo.compute_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), group_size=4, eps=1e-4)
+    torch.testing.assert_close(adv, torch.tensor([0.75 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001]))
+
+
+def test_advantages_all_equal_group_is_zero():
+    # std 0: (1 - 1) / (0 + 1e-4) = 0 for every completion, whatever the shared value
+    adv = grpo.compute_advantages(torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]), group_size=3, eps=1e-4)
+    assert torch.equal(adv, torch.zeros(6))
+
+
+def test_advantages_two_groups_different_spread():
+    # group [0,1,2]: mean 1, deviations -1,0,1, var (1+0+1)/2 = 1, std 1 -> -1, 0, 1
+    # group [0,0,3]: mean 1, deviations -1,-1,2, var (1+1+4)/2 = 3, std sqrt(3) -> -1/sqrt3, -1/sqrt3, 2/sqrt3
+    adv = grpo.compute_advantages(torch.tensor([0.0, 1.0, 2.0, 0.0, 0.0, 3.0]), group_size=3, eps=0.0)
+    s3 = math.sqrt(3)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0, -1 / s3, -1 / s3, 2 / s3]))
+
+
+def loss_and_grad(logp, old_logp, ref_logp, adv, mask, clip_eps=0.2, beta=0.0):
+    logp = logp.clone().requires_grad_(True)
+    loss, metrics = grpo.compute_policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta)
+    loss.backward()
+    return loss.item(), logp.grad, metrics
+
+
+def test_policy_loss_ratio_one():
+    # ratio 1 everywhere, beta 0: per-token loss is -A_i, so loss = -(1/B) sum_i A_i = -(1 - 0.5)/2 = -0.25
+    # d loss / d logp[i,t] = -A_i * ratio / (B |o_i|): row 0 (2 tokens) -1/(2*2) = -0.25; row 1 (1 token) 0.5/2 = 0.25
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    loss, grad, metrics = loss_and_grad(logp, logp.clone(), None, torch.tensor([1.0, -0.5]), mask)
+    assert loss == pytest.approx(-0.25)
+    torch.testing.assert_close(grad, torch.tensor([[-0.25, -0.25], [0.25, 0.0]]))
+    assert metrics["policy/clip_frac"].item() == 0.0
+    assert metrics["policy/approx_kl"].item() == pytest.approx(0.0)
+
+
+def test_policy_loss_clipping_above_and_below():
+    # four one-token sequences, eps 0.2 (clip range 0.8..1.2):
+    #   ratio 1.5, A=+1: min(1.5, 1.2) = 1.2 clipped      -> loss -1.2, gradient 0
+    #   ratio 0.5, A=+1: min(0.5, 0.8) = 0.5 not clipped  -> loss -0.5, d/dlogp = -ratio*A = -0.5
+    #   ratio 0.5, A=-1: min(-0.5, -0.8) = -0.8 clipped   -> loss  0.8, gradient 0
+    #   ratio 1.5, A=-1: min(-1.5, -1.2) = -1.5 unclipped -> loss  1.5, d/dlogp = -ratio*A = 1.5
+    # mean over B=4: (-1.2 - 0.5 + 0.8 + 1.5)/4 = 0.6/4 = 0.15; gradients / 4: 0, -0.125, 0, 0.375
+    old = torch.zeros(4, 1)
+    logp = torch.log(torch.tensor([[1.5], [0.5], [0.5], [1.5]]))
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    loss, grad, metrics = loss_and_grad(logp, old, None, adv, torch.ones(4, 1))
+    assert loss == pytest.approx(0.15)
+    torch.testing.assert_close(grad, torch.tensor([[0.0], [-0.125], [0.0], [0.375]]))
+    assert metrics["policy/clip_frac"].item() == pytest.approx(0.5)  # 2 of 4 tokens clipped
+
+
+def test_policy_loss_k3_term():
+    # one sequence of 2 tokens, A = 0 so only the KL term counts, beta 0.1:
+    #   token 1: ref - logp = ln 2  -> k3 = 2 - ln2 - 1 = 0.306853
+    #   token 2: ref - logp = -ln 2 -> k3 = 0.5 + ln2 - 1 = 0.193147
+    # loss = 0.1 * (0.306853 + 0.193147) / 2 = 0.1 * 0.5 / 2 = 0.025
+    # d k3 / d logp = 1 - exp(ref - logp): token 1: 1 - 2 = -1, token 2: 1 - 0.5 = 0.5; times 0.1/2 -> -0.05, 0.025
+    logp = torch.tensor([[-1.0, -1.0]])
+    ref = logp + torch.tensor([[math.log(2), -math.log(2)]])
+    loss, grad, metrics = loss_and_grad(logp, logp.clone(), ref, torch.tensor([0.0]), torch.ones(1, 2), beta=0.1)
+    assert loss == pytest.approx(0.025)
+    torch.testing.assert_close(grad, torch.tensor([[-0.05, 0.025]]))
+    assert metrics["loss/kl"].item() == pytest.approx(0.25)  # token mean of k3: 0.5 / 2
+
+
+def test_policy_loss_seq_mean_token_mean_on_unequal_lengths():
+    # A = 1 for both, no clipping (ratios within 0.8..1.2), per-token loss = -ratio:
+    #   row 0, 3 tokens, ratios 1, 1.1, 0.9 -> mean -1.0
+    #   row 1, 1 token, ratio 1.1 -> -1.1 (its masked positions hold ratio 5, which must be ignored)
+    # seq-mean-token-mean = (-1.0 - 1.1)/2 = -1.05   (a token-mean would give (-3.0 - 1.1)/4 = -1.025)
+    logp = torch.log(torch.tensor([[1.0, 1.1, 0.9], [1.1, 5.0, 5.0]]))
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    loss, grad, _ = loss_and_grad(logp, torch.zeros(2, 3), None, torch.tensor([1.0, 1.0]), mask)
+    assert loss == pytest.approx(-1.05)
+    assert grad[1, 1:].abs().sum().item() == 0.0
+
+
+@pytest.fixture(scope="module")
+def tiny_rollout(tiny):
+    model, tokenizer, eos = tiny
+    torch.manual_seed(0)
+    return model, common.generate(model, tokenizer, ["1+2=", "13+4=", "7+7="], 4, 4, 1.0, eos)
+
+
+def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout):
+    model, rollout = tiny_rollout
+    args = grpo.resolve_args(grpo.Args(beta=0.04))
+    B = rollout.input_ids.shape[0]  # 3 prompts x 4 = 12 rows
+    with torch.no_grad():
+        old_logp, _ = common.completion_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, 1.0)
+    # an off-policy old_logp and a reference different from the policy, so every term of the loss is live
+    old_logp = old_logp + 0.3 * torch.randn_like(old_logp)
+    ref_logp = old_logp - 0.2
+    advantages = torch.randn(B)
+    minibatch = torch.randperm(B)
+
+    def gradient(micro_batch_size):
+        model.zero_grad()
+        grpo.accumulate_gradients(model, rollout, old_logp, ref_logp, advantages, minibatch, micro_batch_size, args)
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    whole = gradient(B)
+    assert whole.abs().sum() > 0
+    torch.testing.assert_close(gradient(3), whole, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gradient(1), whole, rtol=1e-4, atol=1e-6)
