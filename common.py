@@ -288,7 +288,6 @@ def completion_logprobs(
 # ----------------------------------------------------------------------------------------------
 
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 MAX_EXPRESSION_CHARS = 200
 MAX_ABS_VALUE = 10**9
 
@@ -300,15 +299,16 @@ def extract_answer_tag(text: str) -> Optional[str]:
 
 
 def parse_number(text: str) -> Optional[Fraction]:
-    """An exact number from text like '1,234', '-5', '3.50', '$12'; None if it is not one number."""
-    text = text.strip().replace(",", "").lstrip("$").rstrip(".").strip()
+    """An exact number from text like '1,234', '-5', '3.50', '$12', '-$5'; None if it is not one number."""
+    text = re.sub(r"^(-?)\$", r"\1", text.strip().replace(",", "")).rstrip(".").strip()
     if len(text) > 40 or not re.fullmatch(r"-?\d+(?:\.\d+)?", text):
         return None
     return Fraction(text)
 
 
 def numeric_answer(text: str) -> Optional[Fraction]:
-    """The number in the answer tag; if the tag holds more than a number, the last number inside it.
+    """The number in the answer tag; if the tag holds more than a number, its last word that is a number
+    ("The answer is 18." gives 18; "1/2", ".5" or "1e3" give nothing rather than a wrong part of them).
 
     The last-number fallback looks only inside the tag: numbers elsewhere in the reasoning never count.
     """
@@ -317,8 +317,10 @@ def numeric_answer(text: str) -> Optional[Fraction]:
         return None
     value = parse_number(inside)
     if value is None:
-        numbers = NUMBER.findall(inside)
-        value = parse_number(numbers[-1]) if numbers else None
+        for word in reversed(inside.split()):
+            value = parse_number(word.strip(",;:!?()"))
+            if value is not None:
+                break
     return value
 
 
@@ -507,14 +509,15 @@ def jsonl_task(path: str) -> Task:
     file = Path(path)
     check(file.is_file(), f"--task jsonl:{path}: file not found")
     rows = []
-    with open(file, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(file, "rb") as f:
+        for number, raw in enumerate(f, 1):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"--task jsonl:{path}: line {number} is not valid JSON")
+                line = raw.decode("utf-8")
+                row = json.loads(line) if line.strip() else None
+            except ValueError:  # bad UTF-8, bad JSON, or an integer too long to convert
+                raise UserError(f"--task jsonl:{path}: line {number} is not valid JSON in UTF-8")
+            if row is None:
+                continue
             check(
                 isinstance(row, dict) and "prompt" in row and "answer" in row,
                 f"--task jsonl:{path}: line {number} needs both 'prompt' and 'answer'",

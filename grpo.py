@@ -212,8 +212,8 @@ def main(args: Args):
     device = common.get_device(args.device)
     print("resolved arguments: " + ", ".join(f"{k}={v}" for k, v in asdict(args).items()))
 
-    task = common.load_task(args.task)
     tokenizer = common.load_tokenizer(args.model)
+    task = common.load_task(args.task)
     model = common.load_model(args.model, device, args.gradient_checkpointing)
     ref_model = common.load_reference(model) if args.beta > 0 else None
     eos_ids = common.eos_token_ids(model, tokenizer)

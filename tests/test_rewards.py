@@ -1,0 +1,225 @@
+"""Reward parsers and task loaders in common.py. Every expected value below is worked out by hand."""
+
+import itertools
+import json
+import operator
+import re
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+from common import (PromptStream, UserError, arithmetic_reward, countdown_reward, countdown_task,  # noqa: E402
+                    exact_reward, gsm8k_reference, load_task, numeric_answer, numeric_reward, safe_eval_arithmetic)
+
+HOSTILE = "__import__('os').system('ls')"
+
+
+@pytest.mark.parametrize("completion, answer, expected", [
+    ("8", 8, 1.0), ("-3", -3, 1.0),
+    (" 8 \n", 8, 1.0),           # surrounding whitespace ignored
+    ("08", 8, 1.0),              # still exactly the integer 8 (int("08") == 8)
+    ("8.0", 8, 0.0),             # not an integer literal
+    ("9", 8, 0.0), ("8 apples", 8, 0.0), ("8\n9", 8, 0.0), ("", 8, 0.0), (HOSTILE, 8, 0.0),
+    ("9" * 5000, 8, 0.0),        # beyond int()'s 4300-digit limit: must score 0, not raise
+])
+def test_arithmetic_reward(completion, answer, expected):
+    assert arithmetic_reward(completion, answer) == expected
+
+
+@pytest.mark.parametrize("expression, expected", [
+    ("(1 + 2) * 3", (Fraction(9), [1, 2, 3])),
+    ("-3 + 5", (Fraction(2), [3, 5])),               # unary minus wraps the literal 3
+    ("7 / 2", (Fraction(7, 2), [7, 2])),             # exact, not 3.5 or 3
+    ("1000000000", (Fraction(10**9), [10**9])),      # the 1e9 bound itself is allowed
+    ("1+" * 99 + "1", (Fraction(100), [1] * 100)),   # 199 chars: under the 200-char limit
+])
+def test_safe_eval_accepts(expression, expected):
+    assert safe_eval_arithmetic(expression) == expected
+
+
+@pytest.mark.parametrize("expression", [
+    "1/0", "2**10", "9**9**9", "__import__('os')", "abs(-3)", "x + 1", "(1).real", "[1, 2]", "True + 1", "3 ^ 5", "",
+    "1e3",                      # float literal
+    "1" + "0" * 30,             # literal 1e30 > 1e9
+    "1000000001",               # 1e9 + 1
+    "999999999*999999999",      # literals fine, product ~1e18 overflows the bound
+    "1000000000 + 1 - 1",       # intermediate 1e9 + 1 refused even though the result is 1e9
+    "1+" * 100 + "1",           # 201 chars: over-long
+])
+def test_safe_eval_refuses(expression):
+    start = time.perf_counter()
+    assert safe_eval_arithmetic(expression) is None
+    assert time.perf_counter() - start < 1.0  # 9**9**9 must be refused, not computed
+
+
+PUZZLE = {"numbers": [3, 5, 7], "target": 22}
+
+
+@pytest.mark.parametrize("completion, answer, expected", [
+    ("<answer> 3 * 5 + 7 </answer>", PUZZLE, 1.0),                   # 15 + 7 = 22
+    ("Let me think. <answer>7 + 3 * 5 = 22</answer>", PUZZLE, 1.0),  # "= target" accepted
+    ("<answer>(7 - 5 + 3) * 5 - 3</answer>", PUZZLE, 0.0),           # 5*5-3 = 22 but 3 and 5 twice
+    ("<answer>5*5-3</answer>", PUZZLE, 0.0),                         # 22, but 5 twice and no 7
+    ("<answer>5*5-3</answer>", {"numbers": [5, 5, 3], "target": 22}, 1.0),  # duplicates given: fine
+    ("<answer>15 + 7</answer>", PUZZLE, 0.0),                        # 22, but 3 and 5 missing
+    ("<answer>3 * 5 + 7 + 1 - 1</answer>", PUZZLE, 0.0),             # 22, but extra numbers
+    ("<answer>3 * 5 - 7</answer>", PUZZLE, 0.0),                     # 8
+    ("3 * 5 + 7", PUZZLE, 0.0),                                      # no tag
+    ("3 * 5 + 7 = 22, so <answer>22</answer>", PUZZLE, 0.0),         # reasoning outside the tag
+    ("<answer>3*5+7</answer> no: <answer>3+5+7</answer>", PUZZLE, 0.0),  # last tag (15) wins
+    (f"<answer>{HOSTILE}</answer>", PUZZLE, 0.0),
+    ("<answer>5**3 - 7</answer>", {"numbers": [3, 5, 7], "target": 118}, 0.0),  # 125 - 7, power refused
+    ("<answer>" + "1+" * 200 + "1</answer>", PUZZLE, 0.0),
+])
+def test_countdown_reward(completion, answer, expected):
+    assert countdown_reward(completion, answer) == expected
+
+
+@pytest.mark.parametrize("completion, reference, expected", [
+    ("<answer>1,234</answer>", "1234", 1.0),
+    ("<answer>1234</answer>", "1,234", 1.0),
+    ("<answer>$18</answer>", "18", 1.0),
+    ("<answer>18</answer>", "$18", 1.0),                    # reference '$' ignored too
+    ("<answer>The answer is 18.</answer>", "18", 1.0),      # last number inside the tag
+    ("The answer is 18", "18", 0.0),                        # no tag: no fallback
+    ("18 <answer>I do not know</answer>", "18", 0.0),       # numbers outside the tag never count
+    ("<answer>5</answer> wait, <answer>18</answer>", "18", 1.0),
+    ("<answer>18</answer> wait, <answer>5</answer>", "18", 0.0),
+    ("<answer>18.0</answer>", "18", 1.0),                   # exact: 18.0 == 18
+    ("<answer>18.5</answer>", "18", 0.0),                   # exact: no rounding
+    ("<answer>17</answer>", "18", 0.0), ("<answer>-18</answer>", "18", 0.0), ("<answer></answer>", "18", 0.0),
+    (f"<answer>{HOSTILE}</answer>", "18", 0.0),
+    ("<answer>" + "9" * 5000 + "</answer>", "18", 0.0),
+])
+def test_numeric_reward(completion, reference, expected):
+    assert numeric_reward(completion, reference) == expected
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("<answer>$1,234.50</answer>", Fraction(2469, 2)),  # 1234.5 = 2469/2
+    ("<answer>-5</answer>", Fraction(-5)), ("<answer>none</answer>", None), ("no tag 5", None),
+    ("<answer>-$5</answer>", Fraction(-5)), ("<answer>1/2</answer>", None), ("<answer>x is .5</answer>", None),
+])
+def test_numeric_answer(completion, expected):
+    assert numeric_answer(completion) == expected
+
+
+def test_gsm8k_reference():
+    assert gsm8k_reference("Janet has 1,000 eggs and buys 234 more: <<1000+234=1234>>1,234\n#### 1,234") == "1234"
+    assert gsm8k_reference("#### 18") == "18"
+
+
+@pytest.mark.parametrize("completion, reference, expected", [
+    ("<answer>18.0</answer>", "18", 1.0),        # numeric reference: compared as numbers
+    ("<answer>1,234</answer>", "1234", 1.0),
+    ("<answer> Paris </answer>", "Paris", 1.0),  # text reference: exact, stripped
+    ("<answer>Lyon</answer> <answer>Paris</answer>", "Paris", 1.0),
+    ("<answer>paris</answer>", "Paris", 0.0), ("<answer>Paris, France</answer>", "Paris", 0.0),
+    ("Paris", "Paris", 0.0),
+])
+def test_exact_reward(completion, reference, expected):
+    assert exact_reward(completion, reference) == expected
+
+
+def write_jsonl(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return f"jsonl:{path}"
+
+
+@pytest.mark.parametrize("num_rows, num_eval", [(2, 1), (5, 1), (25, 2), (100, 10)])  # max(1, n // 10)
+def test_jsonl_split(tmp_path, num_rows, num_eval):
+    name = write_jsonl(tmp_path / "d.jsonl", [json.dumps({"prompt": f"q{i}", "answer": i}) for i in range(num_rows)])
+    task = load_task(name)
+    assert (len(task.train), len(task.eval)) == (num_rows - num_eval, num_eval)
+    train, held = {r["prompt"] for r in task.train}, {r["prompt"] for r in task.eval}
+    assert not train & held and train | held == {f"q{i}" for i in range(num_rows)}
+    assert all(r["answer"] == r["prompt"][1:] for r in task.train + task.eval)  # answers kept, as text
+    assert task.reward_fn("<answer>3</answer>", "3") == 1.0
+
+
+GOOD = json.dumps({"prompt": "q", "answer": "a"})
+
+
+@pytest.mark.parametrize("lines, message", [
+    ([GOOD, "", json.dumps({"prompt": "q"})], "line 3 needs both"),  # blank lines still count
+    ([GOOD, "{not json"], "line 2 is not valid JSON"),
+    (["[1, 2]", GOOD], "line 1 needs both"),
+    ([GOOD], "at least 2 rows"),
+])
+def test_jsonl_errors(tmp_path, lines, message):
+    with pytest.raises(UserError, match=message):
+        load_task(write_jsonl(tmp_path / "d.jsonl", lines))
+
+
+@pytest.mark.parametrize("content", [b'{"prompt": "q", "answer": 1}\n\xff\xfe\n', b'1' * 5000 + b"\n"])
+def test_jsonl_undecodable_is_user_error(tmp_path, content):
+    (tmp_path / "d.jsonl").write_bytes(content)
+    with pytest.raises(UserError, match="line"):
+        load_task(f"jsonl:{tmp_path / 'd.jsonl'}")
+
+
+def test_jsonl_missing_file_and_unknown_task(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(UserError, match=re.escape(str(missing))):
+        load_task(f"jsonl:{missing}")
+    for name in ["nope", "jsonl", "Arithmetic"]:
+        with pytest.raises(UserError, match="unknown task"):
+            load_task(name)
+
+
+def test_arithmetic_task():
+    task = load_task("arithmetic")
+    assert (len(task.train), len(task.eval)) == (80, 20)
+    pairs = [tuple(map(int, re.fullmatch(r"(\d)\+(\d)=", r["prompt"]).groups())) for r in task.train + task.eval]
+    assert sorted(pairs) == [(a, b) for a in range(10) for b in range(10)]  # disjoint and complete
+    assert all(r["answer"] == a + b for r, (a, b) in zip(task.train + task.eval, pairs))
+
+
+OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+
+
+def chain_solution(numbers, target):
+    """A left-to-right expression over some order of the numbers equal to target, as make_countdown builds."""
+    for order in itertools.permutations(numbers):
+        partial = [(Fraction(order[0]), str(order[0]))]
+        for n in order[1:]:
+            partial = [(f(v, n), f"({e} {op} {n})") for v, e in partial for op, f in OPS.items()]
+        for value, expression in partial:
+            if value == target:
+                return expression
+    return None
+
+
+def test_countdown_task():
+    task = countdown_task(num_train=200, num_eval=20)
+    assert len(task.eval) == 20 and 0 < len(task.train) <= 200
+    assert not {r["prompt"] for r in task.train} & {r["prompt"] for r in task.eval}
+    for row in task.eval:
+        numbers, target = row["answer"]["numbers"], row["answer"]["target"]
+        assert len(numbers) in (3, 4) and all(1 <= n <= 99 for n in numbers) and 1 <= target <= 999
+        assert str(numbers) in row["prompt"] and f"equals {target}." in row["prompt"]
+        solution = chain_solution(numbers, target)
+        assert solution is not None, row
+        assert countdown_reward(f"<answer>{solution}</answer>", row["answer"]) == 1.0
+
+
+def test_countdown_train_skips_eval_prompts(monkeypatch):  # force collisions: only 10 distinct puzzles
+    monkeypatch.setattr(common, "make_countdown", lambda rng: {"prompt": str(rng.randint(1, 10)), "answer": 0})
+    task = countdown_task(num_train=100, num_eval=5)
+    held = {r["prompt"] for r in task.eval}
+    assert task.train and not held & {r["prompt"] for r in task.train}
+
+
+def test_prompt_stream():
+    rows = list(range(5))
+    stream = PromptStream(rows, seed=0)
+    first = stream.next(3) + stream.next(2)
+    assert sorted(first) == rows and sorted(stream.next(5)) == rows  # each pass is a permutation
+    assert stream.position == 10
+    assert PromptStream(rows, seed=0).next(5) == first  # seeded: reproducible
+    assert sorted(PromptStream(rows, seed=1).next(7)[:5]) == rows  # a batch may span two passes

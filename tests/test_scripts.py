@@ -1,0 +1,68 @@
+"""The scripts as a user runs them: short end-to-end runs in a subprocess, and bad input."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ["grpo.py"]
+
+
+def run(script, *args, cwd=None, timeout=600):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_two_steps_train_save_and_load_back(script, tmp_path):
+    # run from another working directory: the embedded default must not depend on it
+    result = run(script, "--num-steps", "2", "--eval-every", "0", "--save-dir", str(tmp_path / "ckpt"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = [float(x) for x in re.findall(r"step \d+: reward \S+\s+loss (\S+)", result.stdout)]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt" / "step_2")
+    AutoTokenizer.from_pretrained(tmp_path / "ckpt" / "step_2")
+    initial = AutoModelForCausalLM.from_pretrained(common.TINY_MODEL)
+    changed = [not torch.equal(a, b) for a, b in zip(saved.parameters(), initial.parameters())]
+    assert any(changed)
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+BAD_INPUT = [
+    (["--group-size", "1"], "--group-size"),
+    (["--model", "/no/such/model"], "--model"),
+    (["--task", "poetry"], "--task"),
+    (["--task", "jsonl:/no/such/file.jsonl"], "file not found"),
+    (["--task", "jsonl:{bad_rows}"], "line 2"),
+    (["--learning-rate", "0"], "--learning-rate"),
+    (["--learning-rate", "-1e-5"], "--learning-rate"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--clip-eps", "-0.1"], "--clip-eps"),
+    (["--num-minibatches", "3"], "--num-minibatches"),  # 16 x 16 = 256 completions do not split in 3
+    (["--micro-batch-size", "100"], "--micro-batch-size"),  # 100 does not divide 256
+]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("args,names", BAD_INPUT)
+def test_bad_input_is_one_line_and_exit_2(script, args, names, tmp_path):
+    bad_rows = write(tmp_path / "bad.jsonl", '{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2="}\n')
+    result = run(script, *[a.replace("{bad_rows}", bad_rows) for a in args], "--num-steps", "1", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and names in lines[0], result.stderr[-2000:]
