@@ -64,7 +64,7 @@ class Args:
     num_minibatches: int = 1
     """optimizer steps per pass (the rollout batch is shuffled and split)"""
     micro_batch_size: Optional[int] = None
-    """rows per forward/backward (gradient accumulation); default: the whole minibatch"""
+    """rows per forward/backward (gradient accumulation); default: from the preset, else the whole minibatch"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm"""
     weight_decay: float = 0.0
@@ -74,7 +74,8 @@ class Args:
     logprob_chunk_size: int = 1024
     """completion tokens projected onto the vocabulary at a time"""
     eval_every: Optional[int] = None
-    """evaluate greedy held-out accuracy every N steps (default: from the preset); 0 turns it off"""
+    """evaluate greedy held-out accuracy every N steps (default: from the preset); it always runs at the start
+    and the end; 0: only there"""
     save_dir: Optional[str] = None
     """folder for checkpoints (save_pretrained format); none are written if unset"""
     save_every: int = 0
@@ -91,7 +92,8 @@ class Args:
 # a CPU. `paper`: DeepSeekMath's GRPO settings (lr 1e-6, beta 0.04) on GSM8K.
 PRESETS = {
     "tiny": dict(task="arithmetic", num_steps=1000, max_new_tokens=4, learning_rate=5e-4, beta=0.04, eval_every=100),
-    "paper": dict(task="gsm8k", num_steps=1000, max_new_tokens=512, learning_rate=1e-6, beta=0.04, eval_every=50),
+    "paper": dict(task="gsm8k", num_steps=1000, max_new_tokens=512, learning_rate=1e-6, beta=0.04, eval_every=50,
+                  micro_batch_size=8),
 }
 
 
@@ -237,8 +239,7 @@ def main(args: Args):
         common.save_checkpoint(model, tokenizer, path)
         tqdm.write(f"saved {path}")
 
-    start_accuracy = run_eval(0) if args.eval_every else None
-    accuracy = start_accuracy
+    start_accuracy = run_eval(0)
     batch_size = args.num_prompts * args.group_size
     minibatch_size = batch_size // args.num_minibatches
     micro_batch_size = args.micro_batch_size or minibatch_size
@@ -313,14 +314,13 @@ def main(args: Args):
         if args.track:
             wandb.log(logged, step=step)
         if args.eval_every and step % args.eval_every == 0 and step != args.num_steps:
-            accuracy = run_eval(step)
+            run_eval(step)
         if args.save_dir and args.save_every and step % args.save_every == 0:
             save(step)
 
-    if args.eval_every:
-        accuracy = run_eval(args.num_steps)
-        print(f"held-out greedy accuracy: start {start_accuracy:.3f} -> end {accuracy:.3f}"
-              f" ({time.time() - start_time:.0f}s of training)")
+    accuracy = run_eval(args.num_steps)
+    print(f"held-out greedy accuracy: start {start_accuracy:.3f} -> end {accuracy:.3f}"
+          f" ({time.time() - start_time:.0f}s of training)")
     if args.save_dir:
         save(args.num_steps)
     if args.track:
