@@ -111,6 +111,34 @@ def load_reference(policy):
     return ref
 
 
+def load_critic(name: str, device: torch.device, gradient_checkpointing: bool = False):
+    """PPO's value model: the backbone of `name` (the initial policy's weights) with a fresh scalar head,
+    one value per token (`AutoModelForTokenClassification`, num_labels=1), fp32 like `load_model`.
+
+    The head is zero-initialised, so every value starts at 0 (the return expected before any training
+    is unknown; 0 is a neutral start and the head's random init would only add noise), and its dropout
+    is set to 0 so the values used in GAE and in the value loss come from the same function.
+    """
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        config.num_labels, config.classifier_dropout = 1, 0.0
+        critic = AutoModelForTokenClassification.from_pretrained(path, config=config, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {name}: no token-classification (value) model for it ({_first_line(e)})")
+    head = critic.score if hasattr(critic, "score") else critic.classifier  # decoder LMs name it `score`
+    torch.nn.init.zeros_(head.weight)
+    if head.bias is not None:
+        torch.nn.init.zeros_(head.bias)
+    critic.to(device)
+    if gradient_checkpointing:
+        critic.gradient_checkpointing_enable()
+        critic.config.use_cache = False
+    return critic
+
+
 def eos_token_ids(model, tokenizer) -> list[int]:
     """Every id that ends a completion: the tokenizer's EOS plus the model's generation EOS ids."""
     ids = model.generation_config.eos_token_id
@@ -199,18 +227,16 @@ def generate(
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     input_ids = enc.input_ids.repeat_interleave(group_size, dim=0)
     attention_mask = enc.attention_mask.repeat_interleave(group_size, dim=0)
-    # Plain sampling at `temperature`: no top-k/top-p/repetition penalty from the model's own generation
-    # config, so the sampling distribution is exactly softmax(logits / temperature), as the log-probs assume.
-    config = GenerationConfig(
-        do_sample=not greedy,
-        temperature=temperature if not greedy else None,
-        top_k=None,
-        top_p=None,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos_ids,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-    )
+    # Plain sampling at `temperature`. Every other knob is set to its neutral value explicitly: values left
+    # unset are taken from the model's own generation config (Qwen ships top_k 20, top_p 0.8, a repetition
+    # penalty), and the log-probs assume the sampling distribution is exactly softmax(logits / temperature).
+    neutral = dict(repetition_penalty=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
+                   pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    if greedy:
+        config = GenerationConfig(do_sample=False, **neutral)
+    else:
+        config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=0.0,
+                                  typical_p=1.0, **neutral)
     was_training = model.training
     model.eval()
     with autocast(device):

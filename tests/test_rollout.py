@@ -70,3 +70,17 @@ def test_left_padding_does_not_change_logprobs(tiny):
     alone = rollout.input_ids[:1, 2:]
     single, _ = common.completion_logprobs(model, alone, torch.ones_like(alone), 4, 1.0)
     torch.testing.assert_close(batched[:1], single, rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_ignores_the_models_own_top_k_top_p_and_penalty(tiny):
+    model, tokenizer, eos = tiny
+    shipped = model.generation_config.to_dict()
+    # a generation config like Qwen's, but extreme: top_k 1 alone would make every sample the argmax
+    model.generation_config.update(top_k=1, top_p=0.01, repetition_penalty=10.0)
+    try:
+        torch.manual_seed(0)
+        rollout = common.generate(model, tokenizer, ["1+2="], 64, 3, 1.0, eos)
+    finally:
+        model.generation_config.update(**shipped)
+    # the tiny model is unsure at temperature 1: 64 samples from softmax(logits) are not all the same
+    assert len({tuple(row) for row in rollout.completion_ids.tolist()}) > 1
