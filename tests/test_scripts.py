@@ -43,8 +43,8 @@ def write(path, text):
     return str(path)
 
 
+# flags every script shares; each script's own flags are checked in its own test file
 BAD_INPUT = [
-    (["--group-size", "1"], "--group-size"),
     (["--model", "/no/such/model"], "--model"),
     (["--task", "poetry"], "--task"),
     (["--task", "jsonl:/no/such/file.jsonl"], "file not found"),
@@ -52,20 +52,41 @@ BAD_INPUT = [
     (["--learning-rate", "0"], "--learning-rate"),
     (["--learning-rate", "-1e-5"], "--learning-rate"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
-    (["--clip-eps", "-0.1"], "--clip-eps"),
-    (["--num-minibatches", "3"], "--num-minibatches"),  # 16 x 16 = 256 completions do not split in 3
-    (["--micro-batch-size", "100"], "--micro-batch-size"),  # 100 does not divide 256
+    (["--num-minibatches", "3"], "--num-minibatches"),  # e.g. grpo's 16 x 16 = 256 completions do not split in 3
+    (["--micro-batch-size", "100"], "--micro-batch-size"),  # 100 divides none of the scripts' minibatches
 ]
+
+
+def check_bad_input(script, args, names, tmp_path):
+    """In-process (fast): parsing the flags and starting `main` raises a UserError naming the flag."""
+    import importlib
+
+    import tyro
+
+    bad_rows = write(tmp_path / "bad.jsonl", '{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2="}\n')
+    module = importlib.import_module(script.removesuffix(".py"))
+    parsed = tyro.cli(module.Args, args=[a.replace("{bad_rows}", bad_rows) for a in args] + ["--num-steps", "1"])
+    with pytest.raises(common.UserError, match=re.escape(names)):
+        module.main(parsed)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("args,names", BAD_INPUT)
-def test_bad_input_is_one_line_and_exit_2(script, args, names, tmp_path):
-    bad_rows = write(tmp_path / "bad.jsonl", '{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2="}\n')
-    result = run(script, *[a.replace("{bad_rows}", bad_rows) for a in args], "--num-steps", "1", cwd=tmp_path)
+def test_bad_input_raises_a_user_error(script, args, names, tmp_path):
+    check_bad_input(script, args, names, tmp_path)
+
+
+@pytest.mark.parametrize("args,names", [(["--group-size", "1"], "--group-size"), (["--clip-eps", "-0.1"], "--clip-eps")])
+def test_bad_grpo_input(args, names, tmp_path):
+    check_bad_input("grpo.py", args, names, tmp_path)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_user_error_is_one_line_and_exit_2(script, tmp_path):
+    result = run(script, "--learning-rate", "0", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and names in lines[0], result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: --learning-rate"), result.stderr[-2000:]
 
 
 def test_grpo_learns_arithmetic_with_a_fixed_seed(tmp_path):
