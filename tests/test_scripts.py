@@ -12,7 +12,7 @@ import torch
 import common
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["grpo.py"]
+SCRIPTS = ["grpo.py", "dapo.py", "gspo.py", "gfpo.py", "ppo.py"]
 
 
 def run(script, *args, cwd=None, timeout=600):

@@ -1,0 +1,359 @@
+"""GSPO: Group Sequence Policy Optimization (Qwen, arXiv 2507.18071, eq. 5-7), written as a diff of grpo.py.
+
+Rollout, rewards and group-normalised advantages are GRPO's. What changes:
+- The importance ratio belongs to the whole completion, not to each token: s_i is the geometric mean of
+  the token ratios, exp of the mean of (logp - old_logp) over the completion's valid tokens (eq. 7).
+  The 1/|o_i| keeps s_i on the same scale whatever the length.
+- Clipping acts on s_i with a tiny asymmetric range, eps_low 3e-4 and eps_high 4e-4 (section 5.1,
+  --clip-eps-low / --clip-eps-high): a clipped completion is clipped whole and gives no gradient at all.
+- The loss is -min(s_i A_i, clip(s_i) A_i), one term per completion, averaged over the completions of
+  the minibatch (eq. 5). No KL term and no reference model (--beta is gone).
+- `policy/clip_frac` counts clipped completions, not tokens (see compute_policy_loss).
+- compute_policy_loss_token is GSPO-token (section 4.3): a per-token ratio with the value of s_i whose
+  gradient equals GSPO's when every token of a completion shares one advantage, as here; the script
+  trains with compute_policy_loss and the tests check that the two agree.
+
+Project decisions (see ../shared/ALGORITHMS.md):
+- Advantages as GRPO: unbiased (N-1) std with eps = 1e-4 added; an all-equal group gets zero advantage.
+- The default schedule is off-policy, 4 minibatches per rollout batch (section 5.1), so 4 optimizer steps
+  per rollout. `old_logp` is computed once per rollout batch, so with a single on-policy update s_i = 1
+  exactly, clipping never acts, and the gradient is GRPO's with beta 0 (d s_i / d logp = 1/|o_i| per
+  token, the seq-mean-token-mean weighting): ALGORITHMS.md requires the default to be off-policy.
+- Defaults left as None are resolved from a preset: `tiny` for the embedded model (fast CPU run on the
+  arithmetic task) and `paper` for any other model (lr 1e-6, GSM8K). They are printed at start.
+"""
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import torch
+import tyro
+from tqdm import tqdm
+
+import common
+
+
+@dataclass
+class Args:
+    exp_name: str = "gspo"
+    """name of this experiment (run name in Weights and Biases)"""
+    seed: int = 1
+    """seed of python and torch random number generators"""
+    model: str = "tiny"
+    """hub id or local folder of a causal LM; `tiny` is the 2-layer model shipped in assets/"""
+    task: Optional[str] = None
+    """arithmetic, countdown, gsm8k or jsonl:PATH (default: from the preset)"""
+    preset: Literal["auto", "tiny", "paper"] = "auto"
+    """where unset defaults come from: `auto` picks `tiny` for the embedded model, `paper` otherwise"""
+    device: str = "auto"
+    """`cuda` when available, else `cpu`"""
+    num_steps: Optional[int] = None
+    """rollout batches to train on (default: from the preset)"""
+    num_prompts: int = 16
+    """prompts per rollout batch"""
+    group_size: int = 16
+    """completions sampled per prompt (G)"""
+    max_new_tokens: Optional[int] = None
+    """maximum completion length (default: from the preset)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are computed at the same temperature"""
+    learning_rate: Optional[float] = None
+    """AdamW learning rate (default: from the preset)"""
+    # GSPO section 5.1: left and right clipping ranges of the sequence ratio s_i (no KL coefficient)
+    clip_eps_low: float = 3e-4
+    """clip the sequence ratio below at 1 - clip_eps_low"""
+    clip_eps_high: float = 4e-4
+    """clip the sequence ratio above at 1 + clip_eps_high"""
+    adv_eps: float = 1e-4
+    """added to the group std in the advantage denominator"""
+    update_epochs: int = 1
+    """passes over each rollout batch"""
+    # GSPO section 5.1: each rollout batch is split into 4 minibatches, so s_i moves away from 1
+    num_minibatches: int = 4
+    """optimizer steps per pass (the rollout batch is shuffled and split)"""
+    micro_batch_size: Optional[int] = None
+    """rows per forward/backward (gradient accumulation); default: the whole minibatch"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory"""
+    logprob_chunk_size: int = 1024
+    """completion tokens projected onto the vocabulary at a time"""
+    eval_every: Optional[int] = None
+    """evaluate greedy held-out accuracy every N steps (default: from the preset); it always runs at the start
+    and the end; 0: only there"""
+    save_dir: Optional[str] = None
+    """folder for checkpoints (save_pretrained format); none are written if unset"""
+    save_every: int = 0
+    """write a checkpoint every N steps (0: only at the end, when --save-dir is set)"""
+    track: bool = False
+    """log to Weights and Biases"""
+    wandb_project: str = "rl-post-training"
+    """Weights and Biases project"""
+    wandb_entity: Optional[str] = None
+    """Weights and Biases entity (team)"""
+
+
+# Values for the fields left as None. `tiny`: the embedded model learns arithmetic in under 3 minutes on
+# a CPU; 700 rollout batches, not grpo's 1000, as each one takes 4 optimizer steps. `paper`: lr 1e-6 as the
+# other scripts (GSPO does not state it), no KL, on GSM8K.
+PRESETS = {
+    "tiny": dict(task="arithmetic", num_steps=700, max_new_tokens=4, learning_rate=5e-4, eval_every=100),
+    "paper": dict(task="gsm8k", num_steps=1000, max_new_tokens=512, learning_rate=1e-6, eval_every=50,
+                  micro_batch_size=8),
+}
+
+
+def resolve_args(args: Args) -> Args:
+    preset = args.preset if args.preset != "auto" else ("tiny" if common.is_tiny(args.model) else "paper")
+    for field, value in PRESETS[preset].items():
+        if getattr(args, field) is None:
+            setattr(args, field, value)
+    args.preset = preset
+    return args
+
+
+def validate_args(args: Args):
+    check = common.check
+    check(args.group_size >= 2, f"--group-size {args.group_size}: must be at least 2 (advantages compare a group)")
+    check(args.num_prompts >= 1, f"--num-prompts {args.num_prompts}: must be at least 1")
+    check(args.num_steps >= 1, f"--num-steps {args.num_steps}: must be at least 1")
+    check(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    check(args.temperature > 0, f"--temperature {args.temperature}: must be positive")
+    check(args.learning_rate > 0, f"--learning-rate {args.learning_rate}: must be positive")
+    check(args.clip_eps_low >= 0, f"--clip-eps-low {args.clip_eps_low}: must be 0 or more")
+    check(
+        args.clip_eps_high >= args.clip_eps_low,
+        f"--clip-eps-high {args.clip_eps_high}: must be at least --clip-eps-low ({args.clip_eps_low})",
+    )
+    check(args.adv_eps >= 0, f"--adv-eps {args.adv_eps}: must be 0 or more")
+    check(args.max_grad_norm > 0, f"--max-grad-norm {args.max_grad_norm}: must be positive")
+    check(args.update_epochs >= 1, f"--update-epochs {args.update_epochs}: must be at least 1")
+    check(args.logprob_chunk_size >= 1, f"--logprob-chunk-size {args.logprob_chunk_size}: must be at least 1")
+    batch = args.num_prompts * args.group_size
+    check(
+        args.num_minibatches >= 1 and batch % args.num_minibatches == 0,
+        f"--num-minibatches {args.num_minibatches}: must divide the rollout batch of {batch} completions"
+        f" (--num-prompts x --group-size)",
+    )
+    minibatch = batch // args.num_minibatches
+    micro = args.micro_batch_size or minibatch
+    check(
+        micro >= 1 and minibatch % micro == 0,
+        f"--micro-batch-size {args.micro_batch_size}: must divide the minibatch of {minibatch} completions",
+    )
+    check(args.eval_every >= 0 and args.save_every >= 0, "--eval-every and --save-every must be 0 or more")
+
+
+def compute_advantages(rewards: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
+    """Group-relative advantage, DeepSeekMath section 4.1.2 (outcome supervision):
+    A_i = (r_i - mean(group)) / (std(group) + eps), unbiased std, one value per completion, shape (B,)."""
+    grouped = rewards.view(-1, group_size)
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, keepdim=True)  # unbiased (N-1), as ALGORITHMS.md says
+    return ((grouped - mean) / (std + eps)).view(-1)
+
+
+def compute_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps_low: float,
+    clip_eps_high: float,
+):
+    """GSPO objective, Qwen eq. 5 with the sequence ratio of eq. 7, as a loss.
+
+    logp, old_logp, mask: (B, T) over completion tokens; advantages: (B,).
+    Returns the loss (a scalar) and a dict of detached metrics.
+    """
+    # GSPO eq. 7: s_i = exp((1/|o_i|) sum_t (logp - old_logp)) over the valid tokens of completion i, shape (B,)
+    lengths = mask.sum(dim=1).clamp(min=1)
+    ratio = torch.exp(((logp - old_logp) * mask).sum(dim=1) / lengths)
+    # GSPO eq. 5: min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i), one term per completion
+    surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high) * advantages)
+    # mean over the completions (eq. 5's 1/G); the 1/|o_i| already sits inside s_i
+    loss = -surrogate.mean()
+
+    with torch.no_grad():
+        tokens = mask.sum().clamp(min=1)
+        # fraction of COMPLETIONS clipped, not tokens: GSPO clips whole responses, and the paper's key
+        # observation (section 5.2) is that it clips far more than GRPO yet learns more efficiently
+        clipped = ((ratio > 1 + clip_eps_high) & (advantages > 0)) | ((ratio < 1 - clip_eps_low) & (advantages < 0))
+        log_ratio_old = old_logp - logp
+        metrics = {
+            "loss/policy": loss.detach(),
+            "policy/clip_frac": clipped.float().mean(),
+            # k3 between the sampling policy and the current one, per token as in grpo.py
+            "policy/approx_kl": ((torch.exp(log_ratio_old) - log_ratio_old - 1) * mask).sum() / tokens,
+        }
+    return loss, metrics
+
+
+def compute_policy_loss_token(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps_low: float,
+    clip_eps_high: float,
+) -> torch.Tensor:
+    """GSPO-token, Qwen section 4.3: s_{i,t} = sg[s_i] * pi(o_{i,t}) / sg[pi(o_{i,t})], clipped per token and
+    averaged per completion, then over completions. Every s_{i,t} has the value s_i, and with one advantage
+    per completion (as here) its gradient is GSPO's; it only differs for per-token advantages. Not used by
+    the training loop (the tests compare it with compute_policy_loss). Returns the loss only.
+    """
+    lengths = mask.sum(dim=1).clamp(min=1)
+    log_seq_ratio = ((logp - old_logp) * mask).sum(dim=1) / lengths
+    # log s_{i,t} = sg[log s_i] + logp - sg[logp]: value s_i, gradient that of logp alone
+    ratio = torch.exp(log_seq_ratio.detach()[:, None] + logp - logp.detach())
+    adv = advantages[:, None]
+    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high) * adv)
+    # seq-mean-token-mean: (1/B) sum_i (1/|o_i|) sum_t l[i, t]
+    return -((surrogate * mask).sum(dim=1) / lengths).mean()
+
+
+def accumulate_gradients(model, rollout, old_logp, advantages, minibatch, micro_batch_size, args):
+    """Backward pass over one minibatch (row indices), `micro_batch_size` rows at a time.
+
+    The accumulated gradient equals that of the whole minibatch at once: the loss is a mean over
+    sequences, so each micro-batch's loss is weighted by its share of the minibatch's sequences.
+    """
+    metrics = []
+    for micro in minibatch.split(micro_batch_size):
+        logp, _ = common.completion_logprobs(
+            model, rollout.input_ids[micro], rollout.attention_mask[micro], rollout.prompt_len,
+            args.temperature, args.logprob_chunk_size,
+        )
+        loss, micro_metrics = compute_policy_loss(
+            logp, old_logp[micro], advantages[micro], rollout.completion_mask[micro], args.clip_eps_low,
+            args.clip_eps_high,
+        )
+        (loss * len(micro) / len(minibatch)).backward()
+        metrics.append(micro_metrics)
+    return metrics
+
+
+def main(args: Args):
+    args = resolve_args(args)
+    validate_args(args)
+    common.seed_everything(args.seed)
+    device = common.get_device(args.device)
+    print("resolved arguments: " + ", ".join(f"{k}={v}" for k, v in asdict(args).items()))
+
+    tokenizer = common.load_tokenizer(args.model)
+    task = common.load_task(args.task)
+    model = common.load_model(args.model, device, args.gradient_checkpointing)
+    eos_ids = common.eos_token_ids(model, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    prompts = common.PromptStream(task.train, args.seed)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.exp_name, config=asdict(args))
+
+    def run_eval(step):
+        accuracy, samples = common.evaluate(model, tokenizer, task, args.max_new_tokens, eos_ids)
+        tqdm.write(f"step {step}: held-out greedy accuracy {accuracy:.3f} ({len(task.eval)} prompts)")
+        if args.track:
+            table = wandb.Table(columns=["prompt", "completion", "reward"], data=[list(s) for s in samples[:8]])
+            wandb.log({"eval/accuracy": accuracy, "eval/samples": table}, step=step)
+        return accuracy
+
+    def save(step):
+        path = os.path.join(args.save_dir, f"step_{step}")
+        common.save_checkpoint(model, tokenizer, path)
+        tqdm.write(f"saved {path}")
+
+    start_accuracy = run_eval(0)
+    batch_size = args.num_prompts * args.group_size
+    minibatch_size = batch_size // args.num_minibatches
+    micro_batch_size = args.micro_batch_size or minibatch_size
+    start_time = time.time()
+    for step in tqdm(range(1, args.num_steps + 1), desc=args.exp_name, file=sys.stdout):
+        # 1. Rollout: G completions per prompt, contiguous
+        t0 = time.time()
+        rows = prompts.next(args.num_prompts)
+        texts = [common.format_prompt(tokenizer, r["prompt"], task.use_chat_template) for r in rows]
+        rollout = common.generate(
+            model, tokenizer, texts, args.group_size, args.max_new_tokens, args.temperature, eos_ids
+        )
+        completions = common.decode_completions(tokenizer, rollout)
+        time_generate = time.time() - t0
+
+        # 2. Score and advantages
+        t0 = time.time()
+        rewards = common.score(task, completions, rows, args.group_size).to(device)
+        advantages = compute_advantages(rewards, args.group_size, args.adv_eps)
+        mask = rollout.completion_mask
+
+        # 3. Log-probs of the sampling policy (old), once per rollout batch; GSPO has no reference model
+        with torch.no_grad():
+            old_logp, entropy = common.completion_logprobs(
+                model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, args.temperature,
+                args.logprob_chunk_size, with_entropy=True,
+            )
+
+        # 4. update_epochs x num_minibatches optimizer steps, each accumulated over micro-batches
+        step_metrics = []
+        for epoch in range(args.update_epochs):
+            order = torch.randperm(batch_size, device=device)
+            for minibatch in order.split(minibatch_size):
+                optimizer.zero_grad(set_to_none=True)
+                step_metrics += accumulate_gradients(
+                    model, rollout, old_logp, advantages, minibatch, micro_batch_size, args
+                )
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+        time_train = time.time() - t0
+
+        # 5. Logging: one host sync per step
+        tokens = mask.sum()
+        logged = {k: torch.stack([m[k] for m in step_metrics]).mean() for k in step_metrics[0]}
+        logged.update({
+            "reward/mean": rewards.mean(),
+            "reward/std": rewards.std(),
+            "completion/mean_length": rollout.lengths.float().mean(),
+            "completion/truncated_frac": rollout.truncated.float().mean(),
+            "policy/entropy": (entropy * mask).sum() / tokens,
+            "optim/grad_norm": grad_norm,
+            "groups/zero_std_frac": (rewards.view(-1, args.group_size).std(dim=1) == 0).float().mean(),
+        })
+        logged = {k: float(v) for k, v in logged.items()}
+        logged.update({
+            "optim/lr": optimizer.param_groups[0]["lr"],
+            "perf/tokens_per_sec": logged["completion/mean_length"] * batch_size / (time_generate + time_train),
+            "perf/time_generate": time_generate,
+            "perf/time_train": time_train,
+        })
+        tqdm.write(
+            f"step {step}: reward {logged['reward/mean']:.3f}  loss {logged['loss/policy']:+.4f}"
+            f"  kl {logged.get('loss/kl', 0.0):.4f}  len {logged['completion/mean_length']:.1f}"
+            f"  grad {logged['optim/grad_norm']:.3f}  {logged['perf/tokens_per_sec']:.0f} tok/s"
+        )
+        if args.track:
+            wandb.log(logged, step=step)
+        if args.eval_every and step % args.eval_every == 0 and step != args.num_steps:
+            run_eval(step)
+        if args.save_dir and args.save_every and step % args.save_every == 0:
+            save(step)
+
+    accuracy = run_eval(args.num_steps)
+    print(f"held-out greedy accuracy: start {start_accuracy:.3f} -> end {accuracy:.3f}"
+          f" ({time.time() - start_time:.0f}s of training)")
+    if args.save_dir:
+        save(args.num_steps)
+    if args.track:
+        wandb.finish()
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except common.UserError as e:
+        common.fail(str(e))

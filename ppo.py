@@ -1,0 +1,509 @@
+"""PPO for LLMs (InstructGPT, arXiv 2203.02155, section 3.5 and appendix C.4, with the usual RLHF details).
+
+For each prompt, sample one completion, score it, and learn a critic that predicts, at every completion
+token, the reward still to come. The per-token reward is a k1 KL penalty to the frozen initial policy
+plus the task score on the last token; advantages come from GAE over those rewards and the critic's
+values. The policy loss is the clipped surrogate; the critic is trained on a clipped value loss.
+
+What changes versus GRPO (`diff grpo.py ppo.py`):
+- A critic (a copy of the backbone with a scalar head, one value per token) replaces the group
+  baseline, so one completion per prompt is enough (--samples-per-prompt 1 by default).
+- The KL to the reference is part of the reward (k1, on every token), not a term of the loss.
+- Advantages are per token: GAE(gamma, lambda) over rewards and values, whitened over the batch;
+  the critic regresses the returns (advantages + values, before whitening).
+- Loss: token-mean clipped surrogate plus vf_coef times the clipped value loss; the critic has its
+  own AdamW optimizer and learning rate, stepped together with the policy's.
+- 4 epochs over each rollout batch by default: after the first optimizer step the ratio is no longer 1
+  and the clipping (policy and value) is what keeps the update near the sampling policy.
+
+Project decisions (see ../shared/ALGORITHMS.md):
+- Defaults gamma 1 (InstructGPT: no discount), lambda 0.95, eps 0.2, eps_v 0.2, vf_coef 0.1, beta 0.05
+  (InstructGPT: 0.02), 4 update epochs, ent_coef 0: ALGORITHMS.md, after TRL's PPO. The KL
+  coefficient is fixed (no adaptive controller).
+- The k1 KL reward uses `old_logp` (the sampling policy), computed once per rollout batch with the
+  values and the reference log-probs; the task score sits on the last completion token (the EOS, or the
+  last token of a truncated completion) (ALGORITHMS.md).
+- GAE: V after the last completion token is 0; whitening subtracts the mean and divides by
+  sqrt(var + 1e-8) over the valid tokens of the whole rollout batch, unbiased variance (ALGORITHMS.md;
+  a batch with a single valid token gets variance 0).
+- Both losses use token-mean aggregation, normalised by the token count of the whole minibatch, so
+  micro-batching does not change the gradient (ALGORITHMS.md).
+- The critic is `AutoModelForTokenClassification(num_labels=1)` loaded from the policy's initial weights
+  (there is no learned reward model here to initialise it from), its head zero-initialised so every
+  value starts at 0 (common.load_critic). V_t is read at the position whose output predicts completion
+  token t (the state before token t), with the same position ids as the log-probs. It is saved with the
+  policy, in `step_N/critic`.
+- Policy and critic share no parameters: one backward of `pg_loss + vf_coef * vf_loss` gives each
+  optimizer the gradient of its own part. Each model's gradient is clipped on its own (max_grad_norm),
+  so vf_coef mostly matters through that clipping (AdamW is nearly scale-invariant); the critic's
+  learning rate is the knob.
+- Entropy bonus: common.completion_logprobs returns the entropy without gradient, so only --ent-coef 0
+  (the default) is accepted.
+- --missing-eos-penalty (TRL's option, off by default) subtracts its value from the score of
+  completions that reach --max-new-tokens without an EOS.
+- Defaults left as None are resolved from a preset: `tiny` for the embedded model (fast CPU run on the
+  arithmetic task) and `paper` for any other model (lr 1e-6, critic lr 9e-6, beta 0.05, GSM8K). They
+  are printed at start.
+"""
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import torch
+import tyro
+from tqdm import tqdm
+
+import common
+
+
+@dataclass
+class Args:
+    exp_name: str = "ppo"
+    """name of this experiment (run name in Weights and Biases)"""
+    seed: int = 1
+    """seed of python and torch random number generators"""
+    model: str = "tiny"
+    """hub id or local folder of a causal LM; `tiny` is the 2-layer model shipped in assets/"""
+    task: Optional[str] = None
+    """arithmetic, countdown, gsm8k or jsonl:PATH (default: from the preset)"""
+    preset: Literal["auto", "tiny", "paper"] = "auto"
+    """where unset defaults come from: `auto` picks `tiny` for the embedded model, `paper` otherwise"""
+    device: str = "auto"
+    """`cuda` when available, else `cpu`"""
+    num_steps: Optional[int] = None
+    """rollout batches to train on (default: from the preset)"""
+    num_prompts: Optional[int] = None
+    """prompts per rollout batch (default: from the preset)"""
+    samples_per_prompt: int = 1
+    """completions sampled per prompt"""
+    max_new_tokens: Optional[int] = None
+    """maximum completion length (default: from the preset)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are computed at the same temperature"""
+    learning_rate: Optional[float] = None
+    """AdamW learning rate of the policy (default: from the preset)"""
+    critic_learning_rate: Optional[float] = None
+    """AdamW learning rate of the critic (default: from the preset)"""
+    beta: Optional[float] = None
+    """coefficient of the per-token KL penalty in the reward (default: from the preset); 0 loads no reference model"""
+    clip_eps: float = 0.2
+    """PPO clipping range, symmetric"""
+    clip_eps_value: float = 0.2
+    """value clipping range around the values at rollout time"""
+    vf_coef: float = 0.1
+    """weight of the value loss in the total loss"""
+    ent_coef: float = 0.0
+    """entropy bonus weight; only 0 is supported (the shared log-prob code gives entropy without gradient)"""
+    gamma: float = 1.0
+    """discount factor of GAE"""
+    lam: float = 0.95
+    """lambda of GAE (0: one-step TD, 1: Monte Carlo returns)"""
+    missing_eos_penalty: Optional[float] = None
+    """subtracted from the score of completions that end without EOS; unset: no penalty"""
+    update_epochs: int = 4
+    """passes over each rollout batch"""
+    num_minibatches: int = 1
+    """optimizer steps per pass (the rollout batch is shuffled and split)"""
+    micro_batch_size: Optional[int] = None
+    """rows per forward/backward (gradient accumulation); default: from the preset, else the whole minibatch"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm, for the policy and the critic each"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory (policy and critic)"""
+    logprob_chunk_size: int = 1024
+    """completion tokens projected onto the vocabulary at a time"""
+    eval_every: Optional[int] = None
+    """evaluate greedy held-out accuracy every N steps (default: from the preset); it always runs at the start
+    and the end; 0: only there"""
+    save_dir: Optional[str] = None
+    """folder for checkpoints (save_pretrained format, the critic in step_N/critic); none are written if unset"""
+    save_every: int = 0
+    """write a checkpoint every N steps (0: only at the end, when --save-dir is set)"""
+    track: bool = False
+    """log to Weights and Biases"""
+    wandb_project: str = "rl-post-training"
+    """Weights and Biases project"""
+    wandb_entity: Optional[str] = None
+    """Weights and Biases entity (team)"""
+
+
+# Values for the fields left as None. `tiny`: the embedded model learns arithmetic in about two minutes on
+# a CPU; one completion per prompt, so a batch holds more prompts than GRPO's. `paper`: policy lr 1e-6 and
+# critic lr 9e-6 (OpenRLHF's PPO defaults, actor_learning_rate and critic_learning_rate), beta 0.05
+# (ALGORITHMS.md; InstructGPT 0.02) on GSM8K; 64 prompts per batch is the project's choice.
+PRESETS = {
+    "tiny": dict(task="arithmetic", num_steps=400, num_prompts=128, max_new_tokens=4, learning_rate=1e-3,
+                 critic_learning_rate=1e-3, beta=0.05, eval_every=100),
+    "paper": dict(task="gsm8k", num_steps=1000, num_prompts=64, max_new_tokens=512, learning_rate=1e-6,
+                  critic_learning_rate=9e-6, beta=0.05, eval_every=50, micro_batch_size=8),
+}
+
+
+def resolve_args(args: Args) -> Args:
+    preset = args.preset if args.preset != "auto" else ("tiny" if common.is_tiny(args.model) else "paper")
+    for field, value in PRESETS[preset].items():
+        if getattr(args, field) is None:
+            setattr(args, field, value)
+    args.preset = preset
+    return args
+
+
+def validate_args(args: Args):
+    check = common.check
+    check(args.samples_per_prompt >= 1, f"--samples-per-prompt {args.samples_per_prompt}: must be at least 1")
+    check(args.num_prompts >= 1, f"--num-prompts {args.num_prompts}: must be at least 1")
+    check(args.num_steps >= 1, f"--num-steps {args.num_steps}: must be at least 1")
+    check(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    check(args.temperature > 0, f"--temperature {args.temperature}: must be positive")
+    check(args.learning_rate > 0, f"--learning-rate {args.learning_rate}: must be positive")
+    check(args.critic_learning_rate > 0, f"--critic-learning-rate {args.critic_learning_rate}: must be positive")
+    check(args.beta >= 0, f"--beta {args.beta}: must be 0 or more")
+    check(args.clip_eps >= 0, f"--clip-eps {args.clip_eps}: must be 0 or more")
+    check(args.clip_eps_value >= 0, f"--clip-eps-value {args.clip_eps_value}: must be 0 or more")
+    check(args.vf_coef >= 0, f"--vf-coef {args.vf_coef}: must be 0 or more")
+    check(
+        args.ent_coef == 0,
+        f"--ent-coef {args.ent_coef}: only 0 is supported (common.completion_logprobs gives the entropy without"
+        f" gradient)",
+    )
+    check(0 <= args.gamma <= 1, f"--gamma {args.gamma}: must be between 0 and 1")
+    check(0 <= args.lam <= 1, f"--lam {args.lam}: must be between 0 and 1")
+    check(
+        args.missing_eos_penalty is None or args.missing_eos_penalty >= 0,
+        f"--missing-eos-penalty {args.missing_eos_penalty}: must be 0 or more (it is subtracted from the score)",
+    )
+    check(args.max_grad_norm > 0, f"--max-grad-norm {args.max_grad_norm}: must be positive")
+    check(args.update_epochs >= 1, f"--update-epochs {args.update_epochs}: must be at least 1")
+    check(args.logprob_chunk_size >= 1, f"--logprob-chunk-size {args.logprob_chunk_size}: must be at least 1")
+    batch = args.num_prompts * args.samples_per_prompt
+    check(
+        args.num_minibatches >= 1 and batch % args.num_minibatches == 0,
+        f"--num-minibatches {args.num_minibatches}: must divide the rollout batch of {batch} completions"
+        f" (--num-prompts x --samples-per-prompt)",
+    )
+    minibatch = batch // args.num_minibatches
+    micro = args.micro_batch_size or minibatch
+    check(
+        micro >= 1 and minibatch % micro == 0,
+        f"--micro-batch-size {args.micro_batch_size}: must divide the minibatch of {minibatch} completions",
+    )
+    check(args.eval_every >= 0 and args.save_every >= 0, "--eval-every and --save-every must be 0 or more")
+
+
+def compute_rewards(
+    score: torch.Tensor, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor], mask: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Per-token reward, InstructGPT eq. 2 spread over tokens: r_t = -beta * (old_logp_t - ref_logp_t) (k1) on
+    every completion token, plus the task score on the last one (the EOS, or the last token of a truncated
+    completion). score: (B,); old_logp, ref_logp, mask: (B, T). Returns (B, T), 0 where mask is 0."""
+    rewards = torch.zeros_like(old_logp)
+    if ref_logp is not None:
+        rewards = -beta * (old_logp - ref_logp)
+    rewards = rewards * mask
+    last = mask.sum(dim=1).long() - 1  # the mask is 1 up to and including the last token, then 0
+    rows = torch.arange(len(score), device=score.device)
+    rewards[rows, last] += score
+    return rewards
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalized Advantage Estimation (Schulman et al., arXiv 1506.02438), backwards over the completion tokens:
+    delta_t = r_t + gamma * V_{t+1} - V_t,  A_t = delta_t + gamma * lam * A_{t+1},  with V and A after the
+    last valid token = 0. Returns (advantages, returns = advantages + values), both (B, T), 0 where mask is 0."""
+    B, T = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)  # V_{t+1}
+    next_advantage = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)  # A_{t+1}
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantages[:, t] = (delta + gamma * lam * next_advantage) * mask[:, t]
+        # a masked position (after the last token) passes V = 0 and A = 0 back to the token before it
+        next_value = values[:, t] * mask[:, t]
+        next_advantage = advantages[:, t]
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased (N-1) variance of x over the positions where mask is 1 (0 for a single position)."""
+    count = mask.sum()
+    mean = (x * mask).sum() / count
+    return (((x - mean) * mask) ** 2).sum() / (count - 1).clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / sqrt(var + 1e-8) over the valid tokens, unbiased variance (ALGORITHMS.md); 0 where mask is 0."""
+    mean = (x * mask).sum() / mask.sum()
+    return (x - mean) / torch.sqrt(masked_var(x, mask) + 1e-8) * mask
+
+
+def compute_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+    num_tokens: Optional[torch.Tensor] = None,
+):
+    """PPO's clipped surrogate (InstructGPT section 3.5; Schulman et al. 2017 eq. 7), as a loss.
+
+    logp, old_logp, advantages, mask: (B, T) over completion tokens. num_tokens: the token-mean's
+    normaliser, by default mask.sum(); pass the minibatch's token count when this is one micro-batch of it.
+    Returns the loss (a scalar) and a dict of detached metrics (token means over this batch's own tokens).
+    """
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages
+    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
+    per_token = -surrogate
+    # token-mean: sum_{i,t} l[i, t] / sum_i |o_i|, over the whole minibatch (ALGORITHMS.md)
+    if num_tokens is None:
+        num_tokens = mask.sum().clamp(min=1)
+    loss = (per_token * mask).sum() / num_tokens
+
+    with torch.no_grad():
+        tokens = mask.sum().clamp(min=1)
+        clipped = ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
+        log_ratio_old = old_logp - logp
+        metrics = {
+            "loss/policy": (per_token * mask).sum() / tokens,
+            "policy/clip_frac": (clipped.float() * mask).sum() / tokens,
+            # k3 between the sampling policy and the current one
+            "policy/approx_kl": ((torch.exp(log_ratio_old) - log_ratio_old - 1) * mask).sum() / tokens,
+        }
+    return loss, metrics
+
+
+def compute_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps_value: float,
+    num_tokens: Optional[torch.Tensor] = None,
+):
+    """Clipped value loss (ALGORITHMS.md, as in TRL's and OpenAI's PPO):
+    0.5 * token-mean(max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2)).
+
+    values, old_values (at rollout time), returns, mask: (B, T); num_tokens as in compute_policy_loss.
+    Returns the loss (a scalar) and a dict of detached metrics.
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_eps_value, clip_eps_value)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    per_token = 0.5 * torch.max(unclipped_error, clipped_error)
+    if num_tokens is None:
+        num_tokens = mask.sum().clamp(min=1)
+    loss = (per_token * mask).sum() / num_tokens
+
+    with torch.no_grad():
+        tokens = mask.sum().clamp(min=1)
+        metrics = {
+            "ppo/value_loss": (per_token * mask).sum() / tokens,
+            "ppo/value_clip_frac": ((clipped_error > unclipped_error).float() * mask).sum() / tokens,
+        }
+    return loss, metrics
+
+
+def completion_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int):
+    """Critic value of the state before every completion token, shape (B, T).
+
+    Read at position P - 1 + t, the position whose output predicts completion token t (the same alignment as
+    common.completion_logprobs), with the same position ids, so left padding does not shift the values.
+    """
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    with common.autocast(input_ids.device):
+        values = critic(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).logits
+    return values[:, prompt_len - 1 : -1, 0].float()
+
+
+def accumulate_gradients(
+    model, critic, rollout, old_logp, old_values, advantages, returns, minibatch, micro_batch_size, args
+):
+    """Backward pass over one minibatch (row indices), `micro_batch_size` rows at a time, for the policy
+    and the critic.
+
+    The accumulated gradient equals that of the whole minibatch at once: both losses are token-means, and
+    every micro-batch divides its token sum by the token count of the whole minibatch.
+    """
+    metrics = []
+    num_tokens = rollout.completion_mask[minibatch].sum().clamp(min=1)
+    for micro in minibatch.split(micro_batch_size):
+        logp, _ = common.completion_logprobs(
+            model, rollout.input_ids[micro], rollout.attention_mask[micro], rollout.prompt_len,
+            args.temperature, args.logprob_chunk_size,
+        )
+        values = completion_values(critic, rollout.input_ids[micro], rollout.attention_mask[micro], rollout.prompt_len)
+        mask = rollout.completion_mask[micro]
+        pg_loss, micro_metrics = compute_policy_loss(
+            logp, old_logp[micro], advantages[micro], mask, args.clip_eps, num_tokens
+        )
+        vf_loss, value_metrics = compute_value_loss(
+            values, old_values[micro], returns[micro], mask, args.clip_eps_value, num_tokens
+        )
+        # total = pg_loss + vf_coef * vf_loss - ent_coef * entropy, with ent_coef 0 (validate_args); the two
+        # models share no parameters, so each one receives exactly the gradient of its own part
+        (pg_loss + args.vf_coef * vf_loss).backward()
+        metrics.append({**micro_metrics, **value_metrics})
+    return metrics
+
+
+def main(args: Args):
+    args = resolve_args(args)
+    validate_args(args)
+    common.seed_everything(args.seed)
+    device = common.get_device(args.device)
+    print("resolved arguments: " + ", ".join(f"{k}={v}" for k, v in asdict(args).items()))
+
+    tokenizer = common.load_tokenizer(args.model)
+    task = common.load_task(args.task)
+    model = common.load_model(args.model, device, args.gradient_checkpointing)
+    # the critic (InstructGPT section 3.5): the initial policy's backbone with a fresh scalar head, own optimizer
+    critic = common.load_critic(args.model, device, args.gradient_checkpointing)
+    ref_model = common.load_reference(model) if args.beta > 0 else None
+    eos_ids = common.eos_token_ids(model, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    critic_optimizer = torch.optim.AdamW(
+        critic.parameters(), lr=args.critic_learning_rate, weight_decay=args.weight_decay
+    )
+    prompts = common.PromptStream(task.train, args.seed)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.exp_name, config=asdict(args))
+
+    def run_eval(step):
+        accuracy, samples = common.evaluate(model, tokenizer, task, args.max_new_tokens, eos_ids)
+        tqdm.write(f"step {step}: held-out greedy accuracy {accuracy:.3f} ({len(task.eval)} prompts)")
+        if args.track:
+            table = wandb.Table(columns=["prompt", "completion", "reward"], data=[list(s) for s in samples[:8]])
+            wandb.log({"eval/accuracy": accuracy, "eval/samples": table}, step=step)
+        return accuracy
+
+    def save(step):
+        path = os.path.join(args.save_dir, f"step_{step}")
+        common.save_checkpoint(model, tokenizer, path)
+        common.save_checkpoint(critic, tokenizer, os.path.join(path, "critic"))
+        tqdm.write(f"saved {path}")
+
+    start_accuracy = run_eval(0)
+    batch_size = args.num_prompts * args.samples_per_prompt
+    minibatch_size = batch_size // args.num_minibatches
+    micro_batch_size = args.micro_batch_size or minibatch_size
+    start_time = time.time()
+    for step in tqdm(range(1, args.num_steps + 1), desc=args.exp_name, file=sys.stdout):
+        # 1. Rollout: samples_per_prompt completions per prompt, contiguous
+        t0 = time.time()
+        rows = prompts.next(args.num_prompts)
+        texts = [common.format_prompt(tokenizer, r["prompt"], task.use_chat_template) for r in rows]
+        rollout = common.generate(
+            model, tokenizer, texts, args.samples_per_prompt, args.max_new_tokens, args.temperature, eos_ids
+        )
+        completions = common.decode_completions(tokenizer, rollout)
+        time_generate = time.time() - t0
+
+        # 2. Score
+        t0 = time.time()
+        rewards = common.score(task, completions, rows, args.samples_per_prompt).to(device)
+        score = rewards
+        if args.missing_eos_penalty is not None:  # TRL's missing_eos_penalty: truncated completions lose it
+            score = rewards - args.missing_eos_penalty * rollout.truncated.float()
+        mask = rollout.completion_mask
+
+        # 3. Log-probs of the sampling policy (old) and of the reference, and the values, once per rollout batch
+        with torch.no_grad():
+            old_logp, entropy = common.completion_logprobs(
+                model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, args.temperature,
+                args.logprob_chunk_size, with_entropy=True,
+            )
+            ref_logp = None
+            if ref_model is not None:
+                ref_logp, _ = common.completion_logprobs(
+                    ref_model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, args.temperature,
+                    args.logprob_chunk_size,
+                )
+            old_values = completion_values(critic, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+            old_values = old_values * mask
+
+            # per-token rewards (InstructGPT eq. 2: k1 KL on every token, the score on the last), GAE advantages
+            # and returns (Schulman et al. 2015), then the advantages whitened over the batch (ALGORITHMS.md)
+            token_rewards = compute_rewards(score, old_logp, ref_logp, mask, args.beta)
+            advantages, returns = compute_gae(token_rewards, old_values, mask, args.gamma, args.lam)
+            advantages = whiten(advantages, mask)
+
+        # 4. update_epochs x num_minibatches optimizer steps, each accumulated over micro-batches
+        step_metrics = []
+        for epoch in range(args.update_epochs):
+            order = torch.randperm(batch_size, device=device)
+            for minibatch in order.split(minibatch_size):
+                optimizer.zero_grad(set_to_none=True)
+                critic_optimizer.zero_grad(set_to_none=True)
+                step_metrics += accumulate_gradients(
+                    model, critic, rollout, old_logp, old_values, advantages, returns, minibatch,
+                    micro_batch_size, args,
+                )
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                critic_grad_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+                optimizer.step()
+                critic_optimizer.step()
+        time_train = time.time() - t0
+
+        # 5. Logging: one host sync per step
+        tokens = mask.sum()
+        logged = {k: torch.stack([m[k] for m in step_metrics]).mean() for k in step_metrics[0]}
+        logged.update({
+            "reward/mean": rewards.mean(),
+            "reward/std": rewards.std(),
+            "completion/mean_length": rollout.lengths.float().mean(),
+            "completion/truncated_frac": rollout.truncated.float().mean(),
+            "policy/entropy": (entropy * mask).sum() / tokens,
+            "optim/grad_norm": grad_norm,
+            "ppo/critic_grad_norm": critic_grad_norm,
+            "ppo/mean_value": old_values.sum() / tokens,
+            # 1 - Var(R - V) / Var(R) over the valid tokens: 1 for a perfect critic, 0 for a constant one
+            "ppo/explained_variance": 1 - masked_var(returns - old_values, mask) / masked_var(returns, mask),
+        })
+        if ref_logp is not None:  # mean per-token k1 between the sampling policy and the reference
+            logged["loss/kl"] = ((old_logp - ref_logp) * mask).sum() / tokens
+        if args.samples_per_prompt > 1:  # a group of one has no spread
+            logged["groups/zero_std_frac"] = (rewards.view(-1, args.samples_per_prompt).std(dim=1) == 0).float().mean()
+        logged = {k: float(v) for k, v in logged.items()}
+        logged.update({
+            "optim/lr": optimizer.param_groups[0]["lr"],
+            "perf/tokens_per_sec": logged["completion/mean_length"] * batch_size / (time_generate + time_train),
+            "perf/time_generate": time_generate,
+            "perf/time_train": time_train,
+        })
+        tqdm.write(
+            f"step {step}: reward {logged['reward/mean']:.3f}  loss {logged['loss/policy']:+.4f}"
+            f"  value {logged['ppo/value_loss']:.4f}  ev {logged['ppo/explained_variance']:+.2f}"
+            f"  kl {logged.get('loss/kl', 0.0):.4f}  len {logged['completion/mean_length']:.1f}"
+            f"  grad {logged['optim/grad_norm']:.3f}  {logged['perf/tokens_per_sec']:.0f} tok/s"
+        )
+        if args.track:
+            wandb.log(logged, step=step)
+        if args.eval_every and step % args.eval_every == 0 and step != args.num_steps:
+            run_eval(step)
+        if args.save_dir and args.save_every and step % args.save_every == 0:
+            save(step)
+
+    accuracy = run_eval(args.num_steps)
+    print(f"held-out greedy accuracy: start {start_accuracy:.3f} -> end {accuracy:.3f}"
+          f" ({time.time() - start_time:.0f}s of training)")
+    if args.save_dir:
+        save(args.num_steps)
+    if args.track:
+        wandb.finish()
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except common.UserError as e:
+        common.fail(str(e))

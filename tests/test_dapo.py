@@ -1,0 +1,275 @@
+"""DAPO (dapo.py) against cases worked out by hand, and the script's DAPO-only paths in a subprocess."""
+
+import json
+import re
+
+import pytest
+import torch
+
+import common
+import dapo
+import test_scripts
+from test_grpo import loss_and_grad as grpo_loss_and_grad
+from test_grpo import tiny_rollout  # noqa: F401  (fixture: 3 prompts x 4 completions of the tiny model)
+from test_scripts import run
+
+
+def loss_and_grad(logp, old_logp, adv, mask, num_tokens, eps_low=0.2, eps_high=0.28):
+    logp = logp.clone().requires_grad_(True)
+    loss, metrics = dapo.compute_policy_loss(logp, old_logp, adv, mask, eps_low, eps_high, num_tokens)
+    loss.backward()
+    return loss.item(), logp.grad, metrics
+
+
+def test_clip_higher_lets_a_ratio_of_1_25_through_where_grpo_clips():
+    # four one-token sequences; DAPO clips the ratio to 0.8..1.28, GRPO (eps 0.2) to 0.8..1.2:
+    #   ratio 1.25, A=+1: DAPO min(1.25, 1.25) = 1.25 unclipped -> loss -1.25, d/dlogp = -ratio*A = -1.25
+    #                     GRPO min(1.25, 1.2) = 1.2 clipped     -> loss -1.2, gradient 0
+    #   ratio 1.3,  A=+1: DAPO min(1.3, 1.28) = 1.28 clipped    -> loss -1.28, gradient 0 (GRPO: -1.2, 0)
+    #   ratio 0.75, A=-1: both min(-0.75, -0.8) = -0.8 clipped  -> loss 0.8, gradient 0 (same lower bound)
+    #   ratio 0.85, A=-1: both min(-0.85, -0.8) = -0.85         -> loss 0.85, d/dlogp = -ratio*A = 0.85
+    # DAPO token-mean over 4 tokens: (-1.25 - 1.28 + 0.8 + 0.85)/4 = -0.88/4 = -0.22; gradients / 4
+    # GRPO, one token per sequence: (-1.2 - 1.2 + 0.8 + 0.85)/4 = -0.75/4 = -0.1875
+    old = torch.zeros(4, 1)
+    logp = torch.log(torch.tensor([[1.25], [1.3], [0.75], [0.85]]))
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    mask = torch.ones(4, 1)
+    loss, grad, metrics = loss_and_grad(logp, old, adv, mask, num_tokens=4)
+    assert loss == pytest.approx(-0.22)
+    torch.testing.assert_close(grad, torch.tensor([[-1.25 / 4], [0.0], [0.0], [0.85 / 4]]))
+    assert metrics["policy/clip_frac"].item() == pytest.approx(2 / 4)  # ratio 1.3 (A>0) and 0.75 (A<0)
+    grpo_loss, grpo_grad, grpo_metrics = grpo_loss_and_grad(logp, old, None, adv, mask, clip_eps=0.2)
+    assert grpo_loss == pytest.approx(-0.1875)
+    torch.testing.assert_close(grpo_grad, torch.tensor([[0.0], [0.0], [0.0], [0.85 / 4]]))
+    assert grpo_metrics["policy/clip_frac"].item() == pytest.approx(3 / 4)  # 1.25 is clipped too
+
+
+# A = 1 for both rows, per-token loss -ratio wherever the ratio stays below 1.28:
+#   row 0, 3 tokens, ratios 1, 1.1, 0.9 (loss sum -3.0)
+#   row 1, 1 token, ratio 1.1, or 1.3 clipped to 1.28; its masked positions hold ratio 5, which must be ignored
+UNEQUAL_MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+
+
+def unequal_logp(row1_ratio):
+    return torch.log(torch.tensor([[1.0, 1.1, 0.9], [row1_ratio, 5.0, 5.0]]))
+
+
+def test_token_mean_weighs_every_token_equally_on_unequal_lengths():
+    # token-mean: (-3.0 - 1.1) / 4 tokens = -1.025   (GRPO's seq-mean-token-mean: (-3.0/3 - 1.1/1)/2 = -1.05)
+    # d loss / d logp = -ratio / 4 on every token: -0.25, -0.275, -0.225 | -0.275
+    #   (seq-mean gives row 0 -ratio/6 and row 1 -ratio/2: there the lone token weighs 3x a row-0 token)
+    logp, old, adv = unequal_logp(1.1), torch.zeros(2, 3), torch.tensor([1.0, 1.0])
+    loss, grad, _ = loss_and_grad(logp, old, adv, UNEQUAL_MASK, num_tokens=4)
+    assert loss == pytest.approx(-1.025)
+    torch.testing.assert_close(grad, torch.tensor([[-0.25, -0.275, -0.225], [-0.275, 0.0, 0.0]]))
+    grpo_loss, grpo_grad, _ = grpo_loss_and_grad(logp, old, None, adv, UNEQUAL_MASK)
+    assert grpo_loss == pytest.approx(-1.05)
+    torch.testing.assert_close(grpo_grad, torch.tensor([[-1 / 6, -1.1 / 6, -0.9 / 6], [-1.1 / 2, 0.0, 0.0]]))
+
+
+def test_micro_batches_divide_by_the_minibatch_token_count_and_add_up():
+    # row 1's ratio 1.3 is clipped to 1.28 (A > 0): one clipped token of the minibatch's 4
+    # whole minibatch: (-3.0 - 1.28)/4 = -1.07, clip_frac 1/4
+    # one row per micro-batch, both divided by the minibatch's 4 tokens: row 0 -3.0/4 = -0.75, clip_frac 0;
+    #   row 1 -1.28/4 = -0.32, clip_frac 1/4; sums -1.07 and 1/4, the minibatch's
+    #   (each micro-batch's own count would give -3.0/3 - 1.28/1 = -2.28)
+    # gradients: row 0 -ratio/4 = -0.25, -0.275, -0.225; row 1 clipped: 0
+    logp, old, adv = unequal_logp(1.3), torch.zeros(2, 3), torch.tensor([1.0, 1.0])
+    whole = loss_and_grad(logp, old, adv, UNEQUAL_MASK, num_tokens=4)
+    parts = [loss_and_grad(logp[i : i + 1], old[i : i + 1], adv[i : i + 1], UNEQUAL_MASK[i : i + 1], 4) for i in (0, 1)]
+    assert [whole[0], parts[0][0], parts[1][0]] == pytest.approx([-1.07, -0.75, -0.32])
+    expected_grad = torch.tensor([[-0.25, -0.275, -0.225], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(whole[1], expected_grad)
+    torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]]), expected_grad)
+    clip_fracs = [m["policy/clip_frac"].item() for m in (whole[2], parts[0][2], parts[1][2])]
+    assert clip_fracs == pytest.approx([0.25, 0.0, 0.25])
+
+
+@pytest.mark.parametrize(
+    "max_len,cache_len,lengths,expected",
+    [
+        # L_max 10, L_cache 4: no penalty up to 10 - 4 = 6 tokens (6 included); then (6 - |y|)/4:
+        # 7 -> -0.25, 8 -> -0.5, 10 -> -1 (L_max included); beyond L_max a flat -1: 12 -> -1, not (6-12)/4 = -1.5
+        (10, 4, [1, 6, 7, 8, 10, 11, 12], [0.0, 0.0, -0.25, -0.5, -1.0, -1.0, -1.0]),
+        # the paper's 20480 and 4096: free up to 16384; 16385 -> -1/4096; 18432 -> -2048/4096 = -0.5
+        (20480, 4096, [16384, 16385, 18432, 20480, 20481], [0.0, -1 / 4096, -0.5, -1.0, -1.0]),
+        # L_cache 0 (the tiny preset: 4 // 5): no linear part and no 0/0, free up to L_max = 4, then -1
+        (4, 0, [1, 4, 5], [0.0, 0.0, -1.0]),
+        # L_cache = L_max: the line starts at 0 tokens: 1 -> -1/4, 3 -> -3/4, 4 -> -1, 5 -> -1
+        (4, 4, [1, 3, 4, 5], [-0.25, -0.75, -1.0, -1.0]),
+    ],
+)
+def test_overlong_penalty_branches_and_boundaries(max_len, cache_len, lengths, expected):
+    # eq. 13 is continuous (0 at L_max - L_cache, -1 at L_max), so each boundary is checked with the lengths
+    # on it and next to it: the first past L_max - L_cache is the first penalised, the first past L_max stays at -1
+    penalty = dapo.overlong_penalty(torch.tensor(lengths), max_len, cache_len)
+    torch.testing.assert_close(penalty, torch.tensor(expected))
+
+
+@pytest.mark.parametrize(
+    "rewards,group_size,expected",
+    [
+        # G = 4: all right, all wrong, one right, three right -> dropped, dropped, kept, kept
+        ([1, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 1], 4, [False, False, True, True]),
+        # G = 2 with non-binary rewards: only exactly equal rewards are dropped
+        ([0.75, 0.75, 1.0, 0.75, -1.0, -1.0, 0.0, -0.25], 2, [False, True, False, True]),
+        # a single mixed group of 3, the odd one last
+        ([1, 1, 0], 3, [True]),
+    ],
+)
+def test_filter_groups_keeps_groups_with_unequal_rewards(rewards, group_size, expected):
+    keep = dapo.filter_groups(torch.tensor(rewards, dtype=torch.float32), group_size)
+    assert keep.dtype == torch.bool and keep.tolist() == expected
+
+
+def hand_rollout(input_ids, attention_mask, prompt_len, truncated):
+    input_ids, attention_mask = torch.tensor(input_ids), torch.tensor(attention_mask)
+    completion_ids = input_ids[:, prompt_len:]
+    mask = torch.ones(completion_ids.shape)
+    lengths = torch.full((len(input_ids),), completion_ids.shape[1])
+    return common.Rollout(input_ids, attention_mask, prompt_len, completion_ids, mask, lengths, torch.tensor(truncated))
+
+
+def test_concat_rollouts_left_pads_prompts_to_the_widest_and_take_rows_selects():
+    # round 1: prompts 2 wide; round 2: prompts 3 wide (its first row already left-padded with 0)
+    first = hand_rollout([[5, 6, 7, 8], [5, 4, 9, 9]], [[1, 1, 1, 1], [1, 1, 1, 1]], 2, [False, True])
+    second = hand_rollout([[0, 4, 5, 6, 7], [3, 4, 5, 8, 9]], [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], 3, [True, False])
+    both = dapo.concat_rollouts([first, second], pad_id=99)
+    # round 1 rows get one pad (id 99, attention 0) on the left; round 2 rows are unchanged
+    assert both.prompt_len == 3
+    assert both.input_ids.tolist() == [[99, 5, 6, 7, 8], [99, 5, 4, 9, 9], [0, 4, 5, 6, 7], [3, 4, 5, 8, 9]]
+    assert both.attention_mask.tolist() == [[0, 1, 1, 1, 1], [0, 1, 1, 1, 1], [0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert both.completion_ids.tolist() == [[7, 8], [9, 9], [6, 7], [8, 9]]
+    assert both.truncated.tolist() == [False, True, True, False]
+    assert both.lengths.tolist() == [2, 2, 2, 2] and both.completion_mask.shape == (4, 2)
+    picked = dapo.take_rows(both, torch.tensor([3, 0]))
+    assert picked.prompt_len == 3
+    assert picked.input_ids.tolist() == [[3, 4, 5, 8, 9], [99, 5, 6, 7, 8]]
+    assert picked.truncated.tolist() == [False, False]
+
+
+def test_concat_rollouts_leaves_the_logprobs_unchanged(tiny):
+    # "1+2=" is 4 tokens and "13+45=" 6: the first rollout gets 2 more pad tokens in the concatenation,
+    # which the attention mask and position ids must make invisible
+    model, tokenizer, eos = tiny
+    torch.manual_seed(0)
+    rollouts = [common.generate(model, tokenizer, [p], 2, 3, 1.0, eos) for p in ("1+2=", "13+45=")]
+    both = dapo.concat_rollouts(rollouts, tokenizer.pad_token_id)
+    assert [r.prompt_len for r in rollouts] == [4, 6] and both.prompt_len == 6
+
+    def logprobs(r):
+        return common.completion_logprobs(model, r.input_ids, r.attention_mask, r.prompt_len, 1.0)[0]
+
+    with torch.no_grad():
+        torch.testing.assert_close(logprobs(both), torch.cat([logprobs(r) for r in rollouts]), rtol=1e-5, atol=1e-5)
+
+
+def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout):  # noqa: F811
+    model, rollout = tiny_rollout
+    args = dapo.resolve_args(dapo.Args())
+    B = rollout.input_ids.shape[0]  # 3 prompts x 4 = 12 rows
+    assert rollout.lengths.unique().numel() > 1  # unequal lengths: micro-batches hold unequal token counts
+    with torch.no_grad():
+        old_logp, _ = common.completion_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, 1.0)
+    # an off-policy old_logp, so both clip bounds are live
+    old_logp = old_logp + 0.3 * torch.randn_like(old_logp)
+    advantages = torch.randn(B)
+    minibatch = torch.randperm(B)[:9]  # a minibatch of 9 of the 12 rows: its own token count is the normaliser
+
+    def gradient(micro_batch_size):
+        model.zero_grad()
+        metrics = dapo.accumulate_gradients(model, rollout, old_logp, advantages, minibatch, micro_batch_size, args)
+        return torch.cat([p.grad.flatten() for p in model.parameters()]), metrics["loss/policy"]
+
+    whole, whole_loss = gradient(9)
+    assert whole.abs().sum() > 0
+    for micro_batch_size in (4, 1):  # 4, 4, 1 rows and 9 x 1 row
+        grad, loss = gradient(micro_batch_size)
+        torch.testing.assert_close(grad, whole, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(loss, whole_loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        # the tiny preset: max_new_tokens 4 -> L_cache 4 // 5 = 0, 4 minibatches
+        (dict(), (4, 0, 4)),
+        # the paper preset: max_new_tokens 512 -> L_cache 512 // 5 = 102, 16 optimizer steps per rollout batch
+        (dict(preset="paper"), (512, 102, 16)),
+        # an explicit buffer is kept
+        (dict(overlong_buffer=3), (4, 3, 4)),
+    ],
+)
+def test_resolve_args_overlong_buffer_and_minibatches(args, expected):
+    resolved = dapo.resolve_args(dapo.Args(**args))
+    assert (resolved.max_new_tokens, resolved.overlong_buffer, resolved.num_minibatches) == expected
+
+
+BAD_INPUT = [
+    (["--clip-eps-high", "0.1"], "--clip-eps-high"),  # below --clip-eps-low's 0.2
+    (["--clip-eps-low", "-0.1"], "--clip-eps-low"),
+    (["--clip-eps-low", "0", "--clip-eps-high", "-0.1"], "--clip-eps-high"),
+    (["--overlong-buffer", "-1"], "--overlong-buffer"),
+    (["--overlong-buffer", "5"], "--overlong-buffer"),  # the tiny preset's --max-new-tokens is 4
+    (["--max-gen-batches", "0"], "--max-gen-batches"),
+]
+
+
+@pytest.mark.parametrize("args,names", BAD_INPUT)
+def test_bad_dapo_input(args, names, tmp_path):
+    test_scripts.check_bad_input("dapo.py", args, names, tmp_path)
+
+
+STEP_LINE = re.compile(r"step (\d+): reward \S+\s+loss (\S+)\s+batches (\d+)\s+kept (\d+)")
+
+
+@pytest.mark.parametrize(
+    "args,fewer",
+    [
+        # G = 16 at the start of training: some groups are all wrong, so rounds beyond the first are needed
+        # and the last one's surplus is cut; every step trains on exactly 16 groups
+        ([], False),
+        # G = 2 and a single round: most pairs are equal, fewer than 16 groups survive and are trained on;
+        # with truncated completions masked out, 4 minibatches of 8 rows (some short) and micro-batches of 2
+        (["--group-size", "2", "--max-gen-batches", "1", "--mask-truncated", "--overlong-buffer", "2",
+          "--num-minibatches", "4", "--micro-batch-size", "2", "--update-epochs", "2"], True),
+    ],
+)
+def test_dynamic_sampling_trains_on_at_most_num_prompts_groups(args, fewer, tmp_path):
+    result = run("dapo.py", "--num-steps", "2", "--eval-every", "0", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    steps = [(int(n), float(loss), int(b), int(k)) for n, loss, b, k in STEP_LINE.findall(result.stdout)]
+    assert [s[0] for s in steps] == [1, 2], result.stdout[-2000:]
+    max_gen_batches = 1 if fewer else 10
+    for step, loss, batches, kept in steps:
+        assert torch.isfinite(torch.tensor(loss))
+        assert 1 <= batches <= max_gen_batches and 1 <= kept <= 16
+        assert kept == 16 or batches == max_gen_batches  # stops early only when 16 groups survived
+        short = f"step {step}: only {kept} of 16 groups had unequal rewards in {batches} generation batches"
+        assert (short in result.stdout) == (kept < 16)
+    if fewer:
+        assert all(kept < 16 for *_, kept in steps)
+    else:
+        assert any(batches > 1 for _, _, batches, _ in steps)  # several rounds were concatenated
+
+
+def test_no_surviving_group_skips_the_update(tmp_path):
+    # jsonl rows whose answer needs "<answer>never</answer>": 4 new tokens can never write it, so every
+    # reward is 0, every group is dropped, and each step skips its update after 2 rounds x 2 prompts = 4 groups
+    rows = [{"prompt": f"{a}+1=", "answer": "never"} for a in range(3)]  # 1 row held out, 2 trained on
+    data = test_scripts.write(tmp_path / "never.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    result = run(
+        "dapo.py", "--task", f"jsonl:{data}", "--num-steps", "2", "--num-prompts", "2", "--group-size", "2",
+        "--max-gen-batches", "2", "--eval-every", "1", "--save-dir", str(tmp_path / "ckpt"), "--save-every", "1",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for step in (1, 2):
+        assert f"step {step}: all 4 groups of 2 generation batches had equal rewards; update skipped" in result.stdout
+    assert "step 1: held-out greedy accuracy" in result.stdout  # the skipped step still evaluates and saves
+    from transformers import AutoModelForCausalLM
+
+    initial = AutoModelForCausalLM.from_pretrained(common.TINY_MODEL)
+    for step in (1, 2):
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt" / f"step_{step}")
+        assert all(torch.equal(a, b) for a, b in zip(saved.parameters(), initial.parameters()))
