@@ -34,7 +34,10 @@ Project decisions (see ../shared/ALGORITHMS.md):
   prompt keeps --k. Then, with q25/q50/q75 the quartiles of the history (linear interpolation; the paper
   streams them with a t-digest), a difficulty below q25 or below q50 keeps k, below q75 ceil(3k/4), the
   rest ceil(k/2), at least 2: the paper's 8, 8, 6, 4 at G = 16, k = 8. The retained count then varies per
-  step, and each pass is split into --num-minibatches minibatches as even as possible.
+  step, and each pass is split into --num-minibatches minibatches as even as possible. "Below" is strict: a
+  difficulty equal to a quartile goes to the easier bucket.
+- An unknown --metric is rejected by tyro before `main` runs: exit 2 with tyro's boxed message naming the
+  choices (several lines, as for any value tyro cannot parse, e.g. grpo.py's --preset).
 - `completion/mean_length` and `completion/truncated_frac` cover all G sampled completions (what the policy
   writes); `policy/entropy` covers the retained tokens, the only ones a forward pass runs on.
 - `old_logp` is computed once per rollout batch. With the defaults (1 epoch, 1 minibatch) the ratio is

@@ -8,7 +8,7 @@ import torch
 
 import common
 import gfpo
-from test_grpo import tiny_rollout  # noqa: F401  (a fixture: 3 prompts x 4 completions of the tiny model)
+from test_grpo import assert_micro_batches_add_up, off_policy_logprobs, tiny_rollout  # noqa: F401  (a fixture: 3 prompts x 4 completions of the tiny model)
 from test_scripts import check_bad_input, run
 
 T, F = True, False
@@ -133,22 +133,14 @@ def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout):  #
     model, rollout = tiny_rollout
     args = gfpo.resolve_args(gfpo.Args(beta=0.04))
     B = rollout.input_ids.shape[0]  # 12 rows
-    with torch.no_grad():
-        old_logp, _ = common.completion_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, 1.0)
-    old_logp = old_logp + 0.3 * torch.randn_like(old_logp)  # off-policy, so the clip is live
+    old_logp = off_policy_logprobs(model, rollout, 0.3)  # off-policy, so the clip is live
     ref_logp = old_logp - 0.2
-    advantages = torch.randn(B)
-    minibatch = torch.randperm(B)
-
-    def gradient(micro_batch_size):
-        model.zero_grad()
-        gfpo.accumulate_gradients(model, rollout, old_logp, ref_logp, advantages, minibatch, micro_batch_size, args)
-        return torch.cat([p.grad.flatten() for p in model.parameters()])
-
-    whole = gradient(B)
-    assert whole.abs().sum() > 0
-    torch.testing.assert_close(gradient(5), whole, rtol=1e-4, atol=1e-6)  # 5 + 5 + 2 rows: uneven is exact too
-    torch.testing.assert_close(gradient(1), whole, rtol=1e-4, atol=1e-6)
+    advantages, minibatch = torch.randn(B), torch.randperm(B)
+    assert_micro_batches_add_up(  # 5 + 5 + 2 rows: uneven is exact too
+        model,
+        lambda m: gfpo.accumulate_gradients(model, rollout, old_logp, ref_logp, advantages, minibatch, m, args),
+        B, [5, 1],
+    )
 
 
 HISTORY_QUARTERS = [0.0, 0.25, 0.5, 0.75, 1.0]  # 5 values: quartile positions 0.25*4 = 1, 2, 3 -> 0.25, 0.5, 0.75

@@ -98,24 +98,38 @@ def tiny_rollout(tiny):
     return model, common.generate(model, tokenizer, ["1+2=", "13+4=", "7+7="], 4, 4, 1.0, eos)
 
 
+def off_policy_logprobs(model, rollout, noise):
+    """The rollout's log-probs under `model`, shifted by `noise` x N(0, 1) so the ratio is off 1."""
+    with torch.no_grad():
+        logp, _ = common.completion_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, 1.0)
+    return logp + noise * torch.randn_like(logp)
+
+
+def assert_micro_batches_add_up(model, accumulate, minibatch_size, micro_batch_sizes):
+    """`accumulate(micro_batch_size)` runs a script's accumulate_gradients over one minibatch: the gradient
+    must be the same whatever the micro-batch size."""
+
+    def gradient(micro_batch_size):
+        model.zero_grad()
+        accumulate(micro_batch_size)
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    whole = gradient(minibatch_size)
+    assert whole.abs().sum() > 0
+    for micro_batch_size in micro_batch_sizes:
+        torch.testing.assert_close(gradient(micro_batch_size), whole, rtol=1e-4, atol=1e-6)
+
+
 def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout):
     model, rollout = tiny_rollout
     args = grpo.resolve_args(grpo.Args(beta=0.04))
     B = rollout.input_ids.shape[0]  # 3 prompts x 4 = 12 rows
-    with torch.no_grad():
-        old_logp, _ = common.completion_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, 1.0)
     # an off-policy old_logp and a reference different from the policy, so every term of the loss is live
-    old_logp = old_logp + 0.3 * torch.randn_like(old_logp)
+    old_logp = off_policy_logprobs(model, rollout, 0.3)
     ref_logp = old_logp - 0.2
-    advantages = torch.randn(B)
-    minibatch = torch.randperm(B)
-
-    def gradient(micro_batch_size):
-        model.zero_grad()
-        grpo.accumulate_gradients(model, rollout, old_logp, ref_logp, advantages, minibatch, micro_batch_size, args)
-        return torch.cat([p.grad.flatten() for p in model.parameters()])
-
-    whole = gradient(B)
-    assert whole.abs().sum() > 0
-    torch.testing.assert_close(gradient(3), whole, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(gradient(1), whole, rtol=1e-4, atol=1e-6)
+    advantages, minibatch = torch.randn(B), torch.randperm(B)
+    assert_micro_batches_add_up(
+        model,
+        lambda m: grpo.accumulate_gradients(model, rollout, old_logp, ref_logp, advantages, minibatch, m, args),
+        B, [3, 1],
+    )

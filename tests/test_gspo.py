@@ -8,7 +8,7 @@ import torch
 import common
 import gspo
 from test_grpo import loss_and_grad as grpo_loss_and_grad
-from test_grpo import tiny_rollout  # noqa: F401  (fixture: 3 prompts x 4 completions of the tiny model)
+from test_grpo import assert_micro_batches_add_up, off_policy_logprobs, tiny_rollout  # noqa: F401  (fixture: 3 prompts x 4 completions of the tiny model)
 from test_scripts import check_bad_input
 
 PAPER_EPS = (3e-4, 4e-4)  # GSPO section 5.1: clip range 0.9997 .. 1.0004
@@ -143,22 +143,12 @@ def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout):  #
     model, rollout = tiny_rollout
     args = gspo.resolve_args(gspo.Args())
     B = rollout.input_ids.shape[0]  # 3 prompts x 4 = 12 rows
-    with torch.no_grad():
-        old_logp, _ = common.completion_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, 1.0)
     # off-policy by a small per-token shift, so some sequences are clipped (paper eps) and others are not
-    old_logp = old_logp + 1e-3 * torch.randn_like(old_logp)
-    advantages = torch.randn(B)
-    minibatch = torch.randperm(B)
-
-    def gradient(micro_batch_size):
-        model.zero_grad()
-        gspo.accumulate_gradients(model, rollout, old_logp, advantages, minibatch, micro_batch_size, args)
-        return torch.cat([p.grad.flatten() for p in model.parameters()])
-
-    whole = gradient(B)
-    assert whole.abs().sum() > 0
-    torch.testing.assert_close(gradient(3), whole, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(gradient(1), whole, rtol=1e-4, atol=1e-6)
+    old_logp = off_policy_logprobs(model, rollout, 1e-3)
+    advantages, minibatch = torch.randn(B), torch.randperm(B)
+    assert_micro_batches_add_up(
+        model, lambda m: gspo.accumulate_gradients(model, rollout, old_logp, advantages, minibatch, m, args), B, [3, 1]
+    )
 
 
 @pytest.mark.parametrize(
