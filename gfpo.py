@@ -36,8 +36,7 @@ Project decisions (see ../shared/ALGORITHMS.md):
   rest ceil(k/2), at least 2: the paper's 8, 8, 6, 4 at G = 16, k = 8. The retained count then varies per
   step, and each pass is split into --num-minibatches minibatches as even as possible. "Below" is strict: a
   difficulty equal to a quartile goes to the easier bucket.
-- An unknown --metric is rejected by tyro before `main` runs: exit 2 with tyro's boxed message naming the
-  choices (several lines, as for any value tyro cannot parse, e.g. grpo.py's --preset).
+- --metric is a plain string checked in validate_args, so an unknown one gets the one-line error.
 - `completion/mean_length` and `completion/truncated_frac` cover all G sampled completions (what the policy
   writes); `policy/entropy` covers the retained tokens, the only ones a forward pass runs on.
 - `old_logp` is computed once per rollout batch. With the defaults (1 epoch, 1 minibatch) the ratio is
@@ -83,7 +82,7 @@ class Args:
     """completions sampled per prompt (G); only k of them are trained on"""
     k: int = 8
     """completions retained per prompt for the update (GFPO: 8 of G = 16)"""
-    metric: Literal["length", "token_efficiency"] = "token_efficiency"
+    metric: str = "token_efficiency"
     """what the k retained are best at: `length` (shortest) or `token_efficiency` (highest reward / length)"""
     adaptive_k: bool = False
     """GFPO Algorithm 2: k per prompt from its difficulty's quartile in the history (harder keeps more)"""
@@ -149,6 +148,7 @@ def resolve_args(args: Args) -> Args:
 def validate_args(args: Args):
     check = common.check
     check(args.group_size >= 2, f"--group-size {args.group_size}: must be at least 2 (advantages compare a group)")
+    check(args.metric in ("length", "token_efficiency"), f"--metric {args.metric}: choose length or token_efficiency")
     # GFPO: retain 2 <= k < G (k = G is GRPO, k = 1 leaves nothing to compare)
     check(
         2 <= args.k < args.group_size,
