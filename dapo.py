@@ -17,8 +17,9 @@ Project decisions (see ../shared/ALGORITHMS.md):
   micro-batch, never a micro-batch's own count: micro-batch gradients add up to the minibatch's exactly.
 - Dynamic sampling generates prompt batches until `num_prompts` groups survive or `max_gen_batches`
   (paper code: 10) rounds ran, and trains on exactly `num_prompts` groups (the surplus of the last round is
-  cut), on fewer if fewer survived (logged), and skips the update if none did (logged). A group is dropped
-  when its task rewards are all equal (eq. 11: all right or all wrong); the overlong penalty is not looked at.
+  cut), on fewer if fewer survived (logged; the minibatch size stays, so there are fewer optimizer steps), and
+  skips the update if none did (logged). A group is dropped when its task rewards are all equal (eq. 11: all
+  right or all wrong); the overlong penalty is not looked at.
 - `L_max` of eq. 13 is --max-new-tokens and `L_cache` defaults to `L_max // 5` (the paper's 4096 of 20480).
   Sampling never exceeds `L_max` tokens, so the -1 branch is only reached by longer inputs.
 - reward/*, completion/* and groups/zero_std_frac describe every completion generated in the step (dropped
@@ -361,7 +362,7 @@ def main(args: Args):
                        f" {gen_batches} generation batches; training on them")
         rollout = concat_rollouts([r for r, _ in kept], tokenizer.pad_token_id)
         rewards = torch.cat([r for _, r in kept])
-        batch_size = len(rewards)
+        batch_size = len(rewards)  # DAPO: fewer than num_prompts groups when fewer survived
 
         # 2. Advantages
         t0 = time.time()

@@ -8,10 +8,10 @@ import torch
 
 import common
 import dapo
-import test_scripts
 from test_grpo import loss_and_grad as grpo_loss_and_grad
+from test_grpo import assert_micro_batches_add_up, off_policy_logprobs
 from test_grpo import tiny_rollout  # noqa: F401  (fixture: 3 prompts x 4 completions of the tiny model)
-from test_scripts import run
+from test_scripts import check_bad_input, run, write
 
 
 def loss_and_grad(logp, old_logp, adv, mask, num_tokens, eps_low=0.2, eps_high=0.28):
@@ -169,24 +169,19 @@ def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout):  #
     args = dapo.resolve_args(dapo.Args())
     B = rollout.input_ids.shape[0]  # 3 prompts x 4 = 12 rows
     assert rollout.lengths.unique().numel() > 1  # unequal lengths: micro-batches hold unequal token counts
-    with torch.no_grad():
-        old_logp, _ = common.completion_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, 1.0)
-    # an off-policy old_logp, so both clip bounds are live
-    old_logp = old_logp + 0.3 * torch.randn_like(old_logp)
+    old_logp = off_policy_logprobs(model, rollout, 0.3)  # off-policy, so both clip bounds are live
     advantages = torch.randn(B)
-    minibatch = torch.randperm(B)[:9]  # a minibatch of 9 of the 12 rows: its own token count is the normaliser
+    minibatch = torch.randperm(B)[:9]  # 9 of the 12 rows: the normaliser is their token count, not the rollout's
+    losses = {}
 
-    def gradient(micro_batch_size):
-        model.zero_grad()
+    def accumulate(micro_batch_size):
         metrics = dapo.accumulate_gradients(model, rollout, old_logp, advantages, minibatch, micro_batch_size, args)
-        return torch.cat([p.grad.flatten() for p in model.parameters()]), metrics["loss/policy"]
+        losses[micro_batch_size] = metrics["loss/policy"]
 
-    whole, whole_loss = gradient(9)
-    assert whole.abs().sum() > 0
-    for micro_batch_size in (4, 1):  # 4, 4, 1 rows and 9 x 1 row
-        grad, loss = gradient(micro_batch_size)
-        torch.testing.assert_close(grad, whole, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(loss, whole_loss, rtol=1e-5, atol=1e-6)
+    assert_micro_batches_add_up(model, accumulate, 9, [4, 1])  # 4 + 4 + 1 rows, and 9 x 1 row
+    # the minibatch's metrics are the sums over its micro-batches: the same loss whatever the split
+    torch.testing.assert_close(losses[4], losses[9], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses[1], losses[9], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -217,7 +212,7 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize("args,names", BAD_INPUT)
 def test_bad_dapo_input(args, names, tmp_path):
-    test_scripts.check_bad_input("dapo.py", args, names, tmp_path)
+    check_bad_input("dapo.py", args, names, tmp_path)
 
 
 STEP_LINE = re.compile(r"step (\d+): reward \S+\s+loss (\S+)\s+batches (\d+)\s+kept (\d+)")
@@ -257,7 +252,7 @@ def test_no_surviving_group_skips_the_update(tmp_path):
     # jsonl rows whose answer needs "<answer>never</answer>": 4 new tokens can never write it, so every
     # reward is 0, every group is dropped, and each step skips its update after 2 rounds x 2 prompts = 4 groups
     rows = [{"prompt": f"{a}+1=", "answer": "never"} for a in range(3)]  # 1 row held out, 2 trained on
-    data = test_scripts.write(tmp_path / "never.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    data = write(tmp_path / "never.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     result = run(
         "dapo.py", "--task", f"jsonl:{data}", "--num-steps", "2", "--num-prompts", "2", "--group-size", "2",
         "--max-gen-batches", "2", "--eval-every", "1", "--save-dir", str(tmp_path / "ckpt"), "--save-every", "1",

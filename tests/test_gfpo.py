@@ -8,7 +8,8 @@ import torch
 
 import common
 import gfpo
-from test_grpo import assert_micro_batches_add_up, off_policy_logprobs, tiny_rollout  # noqa: F401  (a fixture: 3 prompts x 4 completions of the tiny model)
+from test_grpo import assert_micro_batches_add_up, off_policy_logprobs
+from test_grpo import tiny_rollout  # noqa: F401  (a fixture: 3 prompts x 4 completions of the tiny model)
 from test_scripts import check_bad_input, run
 
 T, F = True, False

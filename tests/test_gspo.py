@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-import common
 import gspo
 from test_grpo import loss_and_grad as grpo_loss_and_grad
-from test_grpo import assert_micro_batches_add_up, off_policy_logprobs, tiny_rollout  # noqa: F401  (fixture: 3 prompts x 4 completions of the tiny model)
+from test_grpo import assert_micro_batches_add_up, off_policy_logprobs
+from test_grpo import tiny_rollout  # noqa: F401  (fixture: 3 prompts x 4 completions of the tiny model)
 from test_scripts import check_bad_input
 
 PAPER_EPS = (3e-4, 4e-4)  # GSPO section 5.1: clip range 0.9997 .. 1.0004

@@ -9,6 +9,7 @@ import torch
 import common
 import ppo
 import test_grpo
+from test_grpo import assert_micro_batches_add_up, off_policy_logprobs
 from test_grpo import tiny_rollout  # noqa: F401  (a pytest fixture: 3 prompts x 4 completions of the tiny model)
 
 CPU = torch.device("cpu")
@@ -196,30 +197,22 @@ def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout, cri
     assert rollout.lengths.unique().numel() > 1  # unequal lengths: a per-micro-batch token-mean would differ
     args = ppo.resolve_args(ppo.Args())
     B, T = rollout.completion_ids.shape  # 3 prompts x 4 = 12 rows
-    with torch.no_grad():
-        inputs = (rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
-        old_logp, _ = common.completion_logprobs(model, *inputs, 1.0)
-        old_values = ppo.completion_values(critic, *inputs)
     # off-policy old log-probs and old values, so the clipping of both losses is live on some tokens
     torch.manual_seed(1)
-    old_logp = old_logp + 0.3 * torch.randn_like(old_logp)
+    old_logp = off_policy_logprobs(model, rollout, 0.3)
+    with torch.no_grad():
+        old_values = ppo.completion_values(critic, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
     old_values = old_values + 0.3 * torch.randn_like(old_values)
-    advantages, returns = torch.randn(B, T), torch.randn(B, T)
-    minibatch = torch.randperm(B)
-
-    def gradient(micro_batch_size):
-        model.zero_grad()
-        critic.zero_grad()
-        ppo.accumulate_gradients(
-            model, critic, rollout, old_logp, old_values, advantages, returns, minibatch, micro_batch_size, args
-        )
-        return [torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (model, critic)]
-
-    whole = gradient(B)
-    assert all(g.abs().sum() > 0 for g in whole)
-    for micro_batch_size in (3, 1):
-        for got, expected in zip(gradient(micro_batch_size), whole):
-            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    advantages, returns, minibatch = torch.randn(B, T), torch.randn(B, T), torch.randperm(B)
+    # the policy's and the critic's gradients, checked together as one module list
+    assert_micro_batches_add_up(
+        torch.nn.ModuleList([model, critic]),
+        lambda m: ppo.accumulate_gradients(
+            model, critic, rollout, old_logp, old_values, advantages, returns, minibatch, m, args
+        ),
+        B, [3, 1],
+    )
+    assert all(torch.cat([p.grad.flatten() for p in m.parameters()]).abs().sum() > 0 for m in (model, critic))
 
 
 # ---------------------------------------------------------------------------------------------------------
