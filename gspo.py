@@ -9,7 +9,7 @@ Rollout, rewards and group-normalised advantages are GRPO's. What changes:
 - The loss is -min(s_i A_i, clip(s_i) A_i), one term per completion, averaged over the completions of
   the minibatch (eq. 5). No KL term and no reference model (--beta is gone).
 - `policy/clip_frac` counts clipped completions, not tokens (see compute_policy_loss).
-- compute_policy_loss_token is GSPO-token (section 4.3): a per-token ratio with the value of s_i whose
+- compute_policy_loss_token is GSPO-token (eq. 8, section 4.3): a per-token ratio with the value of s_i whose
   gradient equals GSPO's when every token of a completion shares one advantage, as here; the script
   trains with compute_policy_loss and the tests check that the two agree.
 
@@ -203,7 +203,7 @@ def compute_policy_loss_token(
     clip_eps_low: float,
     clip_eps_high: float,
 ) -> torch.Tensor:
-    """GSPO-token, Qwen section 4.3: s_{i,t} = sg[s_i] * pi(o_{i,t}) / sg[pi(o_{i,t})], clipped per token and
+    """GSPO-token, Qwen eq. 8 (section 4.3): s_{i,t} = sg[s_i] * pi(o_{i,t}) / sg[pi(o_{i,t})], clipped per token and
     averaged per completion, then over completions. Every s_{i,t} has the value s_i, and with one advantage
     per completion (as here) its gradient is GSPO's; it only differs for per-token advantages. Not used by
     the training loop (the tests compare it with compute_policy_loss). Returns the loss only.

@@ -9,16 +9,14 @@ import torch
 import common
 import dapo
 from test_grpo import loss_and_grad as grpo_loss_and_grad
+from test_grpo import loss_grad_metrics
 from test_grpo import assert_micro_batches_add_up, off_policy_logprobs
 from test_grpo import tiny_rollout  # noqa: F401  (fixture: 3 prompts x 4 completions of the tiny model)
 from test_scripts import check_bad_input, run, write
 
 
 def loss_and_grad(logp, old_logp, adv, mask, num_tokens, eps_low=0.2, eps_high=0.28):
-    logp = logp.clone().requires_grad_(True)
-    loss, metrics = dapo.compute_policy_loss(logp, old_logp, adv, mask, eps_low, eps_high, num_tokens)
-    loss.backward()
-    return loss.item(), logp.grad, metrics
+    return loss_grad_metrics(dapo.compute_policy_loss, logp, old_logp, adv, mask, eps_low, eps_high, num_tokens)
 
 
 def test_clip_higher_lets_a_ratio_of_1_25_through_where_grpo_clips():

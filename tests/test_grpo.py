@@ -30,11 +30,16 @@ def test_advantages_two_groups_different_spread():
     torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0, -1 / s3, -1 / s3, 2 / s3]))
 
 
-def loss_and_grad(logp, old_logp, ref_logp, adv, mask, clip_eps=0.2, beta=0.0):
+def loss_grad_metrics(loss_fn, logp, *args):
+    """Run a script's compute_policy_loss(logp, *args); return the loss value, d loss / d logp and the metrics."""
     logp = logp.clone().requires_grad_(True)
-    loss, metrics = grpo.compute_policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta)
+    loss, metrics = loss_fn(logp, *args)
     loss.backward()
     return loss.item(), logp.grad, metrics
+
+
+def loss_and_grad(logp, old_logp, ref_logp, adv, mask, clip_eps=0.2, beta=0.0):
+    return loss_grad_metrics(grpo.compute_policy_loss, logp, old_logp, ref_logp, adv, mask, clip_eps, beta)
 
 
 def test_policy_loss_ratio_one():
