@@ -278,7 +278,8 @@ def completion_logprobs(
     The backbone runs once; the vocabulary projection runs over completion positions only, `chunk_size`
     tokens at a time, so the (B, T, vocab) float32 logits never exist at once. With gradients on, each
     chunk is recomputed in the backward pass (activation checkpointing) instead of keeping its logits.
-    Entropy (of softmax(logits / temperature)) is returned without gradient when asked for.
+    With `with_entropy`, also returns the entropy of softmax(logits / temperature) per token, computed
+    from the same logits (and carrying gradient when gradients are on); otherwise None.
     """
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # same positions as `generate` used
     device = input_ids.device
@@ -297,13 +298,13 @@ def completion_logprobs(
         h, y = flat_hidden[start : start + chunk_size], targets[start : start + chunk_size]
         with autocast(device):
             if torch.is_grad_enabled():
-                logp = checkpoint(_token_logprobs, lm_head, h, y, temperature, False, use_reentrant=False)[0]
+                logp, entropy = checkpoint(
+                    _token_logprobs, lm_head, h, y, temperature, with_entropy, use_reentrant=False
+                )
             else:
-                logp = _token_logprobs(lm_head, h, y, temperature, False)[0]
+                logp, entropy = _token_logprobs(lm_head, h, y, temperature, with_entropy)
         logps.append(logp)
-        if with_entropy:
-            with torch.no_grad(), autocast(device):
-                entropies.append(_token_logprobs(lm_head, h.detach(), y, temperature, True)[1])
+        entropies.append(entropy)
     logp = torch.cat(logps).view(B, T)
     entropy = torch.cat(entropies).view(B, T) if with_entropy else None
     return logp, entropy

@@ -27,8 +27,8 @@ Project decisions (see ../shared/ALGORITHMS.md):
 - Default metric `token_efficiency`: it gives the paper's largest cut in GRPO's length inflation (71-85%,
   against 46-71% for `length`), and it is the metric that sees the reward, so on a task whose correct
   answers can be longer than wrong ones (two-digit sums here) the filter does not discard them.
-- No entropy bonus: the paper adds one (0.001), but common.completion_logprobs returns the entropy without
-  gradient, so there is nothing to train it with; `policy/entropy` is still logged.
+- Entropy bonus: the paper's 0.001 (--ent-coef), subtracted from the loss times the token-mean entropy of
+  softmax(logits / temperature) over the minibatch's retained tokens (the loss's own normaliser).
 - `--adaptive-k`: a prompt's difficulty is the mean reward of its G completions; the history holds every
   difficulty seen so far, this batch's included. Until it holds 4 x --num-prompts values (4 batches) every
   prompt keeps --k. Then, with q25/q50/q75 the quartiles of the history (linear interpolation; the paper
@@ -96,6 +96,8 @@ class Args:
     """KL coefficient (default: from the preset); 0 loads no reference model"""
     clip_eps: float = 0.2
     """PPO clipping range, symmetric"""
+    ent_coef: float = 0.001
+    """weight of the entropy bonus subtracted from the loss (the paper's 0.001; 0: off)"""
     adv_eps: float = 1e-4
     """added to the group std in the advantage denominator"""
     update_epochs: int = 1
@@ -161,6 +163,7 @@ def validate_args(args: Args):
     check(args.learning_rate > 0, f"--learning-rate {args.learning_rate}: must be positive")
     check(args.beta >= 0, f"--beta {args.beta}: must be 0 or more")
     check(args.clip_eps >= 0, f"--clip-eps {args.clip_eps}: must be 0 or more")
+    check(args.ent_coef >= 0, f"--ent-coef {args.ent_coef}: must be 0 or more")
     check(args.adv_eps >= 0, f"--adv-eps {args.adv_eps}: must be 0 or more")
     check(args.max_grad_norm > 0, f"--max-grad-norm {args.max_grad_norm}: must be positive")
     check(args.update_epochs >= 1, f"--update-epochs {args.update_epochs}: must be at least 1")
@@ -268,6 +271,15 @@ def compute_policy_loss(
     return loss, metrics
 
 
+def compute_entropy_loss(entropy: torch.Tensor, mask: torch.Tensor, num_tokens: Optional[torch.Tensor] = None):
+    """Minus the token-mean entropy, the term ent_coef multiplies in the total loss (the paper trains
+    with an entropy bonus of 0.001, ALGORITHMS.md). entropy, mask: (B, T); num_tokens as in compute_policy_loss.
+    """
+    if num_tokens is None:
+        num_tokens = mask.sum().clamp(min=1)
+    return -(entropy * mask).sum() / num_tokens
+
+
 def accumulate_gradients(model, rollout, old_logp, ref_logp, advantages, minibatch, micro_batch_size, args):
     """Backward pass over one minibatch (row indices), `micro_batch_size` rows at a time.
 
@@ -277,14 +289,16 @@ def accumulate_gradients(model, rollout, old_logp, ref_logp, advantages, minibat
     num_tokens = rollout.completion_mask[minibatch].sum()
     metrics = []
     for micro in minibatch.split(micro_batch_size):
-        logp, _ = common.completion_logprobs(
+        logp, entropy = common.completion_logprobs(
             model, rollout.input_ids[micro], rollout.attention_mask[micro], rollout.prompt_len,
-            args.temperature, args.logprob_chunk_size,
+            args.temperature, args.logprob_chunk_size, with_entropy=args.ent_coef > 0,
         )
         loss, micro_metrics = compute_policy_loss(
             logp, old_logp[micro], None if ref_logp is None else ref_logp[micro], advantages[micro],
             rollout.completion_mask[micro], args.clip_eps, args.beta, num_tokens,
         )
+        if args.ent_coef > 0:
+            loss = loss + args.ent_coef * compute_entropy_loss(entropy, rollout.completion_mask[micro], num_tokens)
         loss.backward()
         metrics.append(micro_metrics)
     return metrics

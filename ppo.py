@@ -37,8 +37,8 @@ Project decisions (see ../shared/ALGORITHMS.md):
   optimizer the gradient of its own part. Each model's gradient is clipped on its own (max_grad_norm),
   so vf_coef mostly matters through that clipping (AdamW is nearly scale-invariant); the critic's
   learning rate is the knob.
-- Entropy bonus: common.completion_logprobs returns the entropy without gradient, so only --ent-coef 0
-  (the default) is accepted.
+- Entropy bonus (off by default, --ent-coef): the token-mean entropy of softmax(logits / temperature) over
+  the minibatch's valid tokens, the same normaliser as the two losses; computed only when ent_coef > 0.
 - --missing-eos-penalty (TRL's option, off by default) subtracts its value from the score of
   completions that reach --max-new-tokens without an EOS.
 - Defaults left as None are resolved from a preset: `tiny` for the embedded model (fast CPU run on the
@@ -96,7 +96,7 @@ class Args:
     vf_coef: float = 0.1
     """weight of the value loss in the total loss"""
     ent_coef: float = 0.0
-    """entropy bonus weight; only 0 is supported (the shared log-prob code gives entropy without gradient)"""
+    """weight of the entropy bonus subtracted from the loss (0: off, no entropy computed in the update)"""
     gamma: float = 1.0
     """discount factor of GAE"""
     lam: float = 0.95
@@ -166,11 +166,7 @@ def validate_args(args: Args):
     check(args.clip_eps >= 0, f"--clip-eps {args.clip_eps}: must be 0 or more")
     check(args.clip_eps_value >= 0, f"--clip-eps-value {args.clip_eps_value}: must be 0 or more")
     check(args.vf_coef >= 0, f"--vf-coef {args.vf_coef}: must be 0 or more")
-    check(
-        args.ent_coef == 0,
-        f"--ent-coef {args.ent_coef}: only 0 is supported (common.completion_logprobs gives the entropy without"
-        f" gradient)",
-    )
+    check(args.ent_coef >= 0, f"--ent-coef {args.ent_coef}: must be 0 or more")
     check(0 <= args.gamma <= 1, f"--gamma {args.gamma}: must be between 0 and 1")
     check(0 <= args.lam <= 1, f"--lam {args.lam}: must be between 0 and 1")
     check(
@@ -309,6 +305,16 @@ def compute_value_loss(
     return loss, metrics
 
 
+def compute_entropy_loss(entropy: torch.Tensor, mask: torch.Tensor, num_tokens: Optional[torch.Tensor] = None):
+    """Minus the token-mean entropy, the term ent_coef multiplies in the total loss (ALGORITHMS.md:
+    pg_loss + vf_coef * vf_loss - ent_coef * entropy). entropy, mask: (B, T); num_tokens as in
+    compute_policy_loss.
+    """
+    if num_tokens is None:
+        num_tokens = mask.sum().clamp(min=1)
+    return -(entropy * mask).sum() / num_tokens
+
+
 def completion_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int):
     """Critic value of the state before every completion token, shape (B, T).
 
@@ -335,9 +341,9 @@ def accumulate_gradients(
     metrics = []
     num_tokens = rollout.completion_mask[minibatch].sum().clamp(min=1)
     for micro in minibatch.split(micro_batch_size):
-        logp, _ = common.completion_logprobs(
+        logp, entropy = common.completion_logprobs(
             model, rollout.input_ids[micro], rollout.attention_mask[micro], rollout.prompt_len,
-            args.temperature, args.logprob_chunk_size,
+            args.temperature, args.logprob_chunk_size, with_entropy=args.ent_coef > 0,
         )
         values = completion_values(critic, rollout.input_ids[micro], rollout.attention_mask[micro], rollout.prompt_len)
         mask = rollout.completion_mask[micro]
@@ -347,9 +353,12 @@ def accumulate_gradients(
         vf_loss, value_metrics = compute_value_loss(
             values, old_values[micro], returns[micro], mask, args.clip_eps_value, num_tokens
         )
-        # total = pg_loss + vf_coef * vf_loss - ent_coef * entropy, with ent_coef 0 (validate_args); the two
-        # models share no parameters, so each one receives exactly the gradient of its own part
-        (pg_loss + args.vf_coef * vf_loss).backward()
+        # total = pg_loss + vf_coef * vf_loss - ent_coef * entropy (ALGORITHMS.md); the two models share no
+        # parameters, so each one receives exactly the gradient of its own part
+        loss = pg_loss + args.vf_coef * vf_loss
+        if args.ent_coef > 0:
+            loss = loss + args.ent_coef * compute_entropy_loss(entropy, mask, num_tokens)
+        loss.backward()
         metrics.append({**micro_metrics, **value_metrics})
     return metrics
 

@@ -8,7 +8,7 @@ import torch
 
 import common
 import gfpo
-from test_grpo import assert_micro_batches_add_up, off_policy_logprobs
+from test_grpo import assert_entropy_bonus_adds_its_gradient, assert_micro_batches_add_up, off_policy_logprobs
 from test_grpo import tiny_rollout  # noqa: F401  (a fixture: 3 prompts x 4 completions of the tiny model)
 from test_scripts import check_bad_input, run
 
@@ -144,6 +144,20 @@ def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout):  #
     )
 
 
+def test_entropy_bonus_adds_its_gradient_to_the_policy(tiny_rollout):  # noqa: F811
+    model, rollout = tiny_rollout
+    B = rollout.input_ids.shape[0]
+    torch.manual_seed(2)
+    old_logp, advantages = off_policy_logprobs(model, rollout, 0.3), torch.randn(B)
+    assert_entropy_bonus_adds_its_gradient(
+        model, rollout,
+        lambda ent_coef: gfpo.accumulate_gradients(
+            model, rollout, old_logp, None, advantages, torch.arange(B), B,
+            gfpo.resolve_args(gfpo.Args(beta=0.0, ent_coef=ent_coef)),
+        ),
+    )
+
+
 HISTORY_QUARTERS = [0.0, 0.25, 0.5, 0.75, 1.0]  # 5 values: quartile positions 0.25*4 = 1, 2, 3 -> 0.25, 0.5, 0.75
 
 
@@ -195,6 +209,7 @@ def test_filtered_completions_get_no_forward_pass(monkeypatch, k, rows):
         (["--group-size", "8"], "--k"),  # the default k = 8 is no longer below G
         (["--group-size", "1"], "--group-size"),
         (["--clip-eps", "-0.1"], "--clip-eps"),
+        (["--ent-coef", "-0.001"], "--ent-coef"),
         (["--num-minibatches", "256"], "--num-minibatches"),  # divides the 256 sampled, not the 16 x 8 = 128 retained
         (["--micro-batch-size", "256"], "--micro-batch-size"),  # the minibatch is the 128 retained rows
     ],

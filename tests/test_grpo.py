@@ -125,6 +125,30 @@ def assert_micro_batches_add_up(model, accumulate, minibatch_size, micro_batch_s
         torch.testing.assert_close(gradient(micro_batch_size), whole, rtol=1e-4, atol=1e-6)
 
 
+def assert_entropy_bonus_adds_its_gradient(model, rollout, accumulate, ent_coef=0.5):
+    """`accumulate(ent_coef)` runs a script's accumulate_gradients with all rows of `rollout` as one minibatch.
+    With ent_coef c the policy's gradient must be the ent_coef-0 gradient minus c times the gradient of the
+    token-mean entropy at temperature 1, computed here directly from the full logits, without chunking."""
+
+    def gradient(coef):
+        model.zero_grad()
+        accumulate(coef)
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    without, with_bonus = gradient(0.0), gradient(ent_coef)
+    model.zero_grad()
+    position_ids = (rollout.attention_mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=position_ids).logits
+    log_probs = torch.log_softmax(logits[:, rollout.prompt_len - 1 : -1].float(), dim=-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    mask = rollout.completion_mask
+    ((entropy * mask).sum() / mask.sum()).backward()
+    entropy_gradient = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert entropy_gradient.norm() > 0
+    # float32 sums in another order (see test_rollout): compare whole vectors
+    assert (with_bonus - (without - ent_coef * entropy_gradient)).norm() <= 1e-4 * entropy_gradient.norm()
+
+
 def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout):
     model, rollout = tiny_rollout
     args = grpo.resolve_args(grpo.Args(beta=0.04))

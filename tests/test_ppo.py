@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import common
+import gfpo
 import ppo
 import test_grpo
-from test_grpo import assert_micro_batches_add_up, off_policy_logprobs
+from test_grpo import assert_entropy_bonus_adds_its_gradient, assert_micro_batches_add_up, off_policy_logprobs
 from test_grpo import tiny_rollout  # noqa: F401  (a pytest fixture: 3 prompts x 4 completions of the tiny model)
 
 CPU = torch.device("cpu")
@@ -195,7 +196,7 @@ def test_values_are_read_at_the_state_before_each_token(tiny, critic):
 def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout, critic):  # noqa: F811
     model, rollout = tiny_rollout
     assert rollout.lengths.unique().numel() > 1  # unequal lengths: a per-micro-batch token-mean would differ
-    args = ppo.resolve_args(ppo.Args())
+    args = ppo.resolve_args(ppo.Args(ent_coef=0.1))  # every term of the total loss is live
     B, T = rollout.completion_ids.shape  # 3 prompts x 4 = 12 rows
     # off-policy old log-probs and old values, so the clipping of both losses is live on some tokens
     torch.manual_seed(1)
@@ -215,6 +216,34 @@ def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout, cri
     assert all(torch.cat([p.grad.flatten() for p in m.parameters()]).abs().sum() > 0 for m in (model, critic))
 
 
+@pytest.mark.parametrize("script", [ppo, gfpo])
+def test_entropy_loss_by_hand(script):
+    # entropies 0.5, 1.0 | 2.0, (9.9 masked): token-mean (0.5 + 1.0 + 2.0) / 3 = 7/6, the loss is -7/6;
+    # as one micro-batch of a 7-token minibatch: -3.5 / 7 = -0.5; d loss / d entropy = -mask / 7
+    entropy = torch.tensor([[0.5, 1.0], [2.0, 9.9]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    assert script.compute_entropy_loss(entropy, mask).item() == pytest.approx(-7 / 6)
+    loss = script.compute_entropy_loss(entropy, mask, torch.tensor(7.0))
+    loss.backward()
+    assert loss.item() == pytest.approx(-0.5)
+    torch.testing.assert_close(entropy.grad, -mask / 7)
+
+
+def test_entropy_bonus_adds_its_gradient_to_the_policy(tiny_rollout, critic):  # noqa: F811
+    model, rollout = tiny_rollout
+    B, T = rollout.completion_ids.shape
+    torch.manual_seed(2)
+    old_logp = off_policy_logprobs(model, rollout, 0.3)
+    old_values, advantages, returns = torch.zeros(B, T), torch.randn(B, T), torch.randn(B, T)
+    assert_entropy_bonus_adds_its_gradient(
+        model, rollout,
+        lambda ent_coef: ppo.accumulate_gradients(
+            model, critic, rollout, old_logp, old_values, advantages, returns, torch.arange(B), B,
+            ppo.resolve_args(ppo.Args(ent_coef=ent_coef)),
+        ),
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------------------
@@ -227,7 +256,6 @@ BAD_INPUT = [
     (dict(lam=1.01), "--lam"),
     (dict(lam=-0.5), "--lam"),
     (dict(vf_coef=-0.1), "--vf-coef"),
-    (dict(ent_coef=0.01), "--ent-coef"),  # not supported: the entropy comes without gradient
     (dict(ent_coef=-0.01), "--ent-coef"),
     (dict(clip_eps_value=-0.2), "--clip-eps-value"),
     (dict(critic_learning_rate=0.0), "--critic-learning-rate"),

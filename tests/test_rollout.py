@@ -1,5 +1,8 @@
 """Rollout plumbing in common.py: completion masks, left padding, chunked log-probs."""
 
+import math
+
+import pytest
 import torch
 
 import common
@@ -51,15 +54,32 @@ def test_chunked_logprobs_equal_full_log_softmax(tiny):
     chunked, entropy = common.completion_logprobs(*args, chunk_size=7, with_entropy=True)
     torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(entropy, expected_entropy, rtol=1e-5, atol=1e-5)
-    # and the gradient through the checkpointed chunks equals the gradient of the naive computation
+    # and the gradient through the checkpointed chunks equals the gradient of the naive computation, for the
+    # log-probs and for the entropy (PPO's entropy bonus trains through it)
     model.zero_grad()
-    (chunked_grad_logp := common.completion_logprobs(*args, chunk_size=7)[0]).sum().backward()
+    chunked_logp, chunked_entropy = common.completion_logprobs(*args, chunk_size=7, with_entropy=True)
+    (chunked_logp.sum() + chunked_entropy.sum()).backward()
     chunked_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    naive_logprobs(*args)[0].sum().backward()
+    naive_logp, naive_full = naive_logprobs(*args)
+    (naive_logp.sum() - (naive_full.exp() * naive_full).sum()).backward()
+    # float32 sums in another order: the entropy's gradient (p * (log p + H)) cancels, so compare whole tensors
+    # (in float64 the two agree to 1e-13)
     for got, want in zip(chunked_grads, (p.grad for p in model.parameters())):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # float sums in another order
-    assert chunked_grad_logp.requires_grad
+        assert (got - want).norm() <= 1e-4 * want.norm()
+    assert chunked_logp.requires_grad and chunked_entropy.requires_grad
+
+
+def test_token_entropy_by_hand():
+    # a 2-token vocabulary; hidden [1] through weights [0, 2 ln 3] gives logits [0, 2 ln 3], at temperature 2
+    # [0, ln 3]: p = [1/4, 3/4]. Entropy = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.3466 + 0.2158 = 0.5623.
+    # log p(token 1) = ln 3/4 = -0.2877
+    lm_head = torch.nn.Linear(1, 2, bias=False)
+    with torch.no_grad():
+        lm_head.weight.copy_(torch.tensor([[0.0], [2 * math.log(3)]]))
+    logp, entropy = common._token_logprobs(lm_head, torch.ones(1, 1), torch.tensor([1]), 2.0, True)
+    assert logp.item() == pytest.approx(-0.2877, abs=1e-4)
+    assert entropy.item() == pytest.approx(0.5623, abs=1e-4)
 
 
 def test_left_padding_does_not_change_logprobs(tiny):
