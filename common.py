@@ -27,7 +27,7 @@ TINY_MODEL = ROOT / "assets" / "tiny-qwen2"
 
 
 class UserError(Exception):
-    """Bad input from the user: reported as one line, exit code 2, no traceback."""
+    """Bad input from the user, or a run that cannot go on: reported as one line, exit code 2, no traceback."""
 
 
 def fail(message: str):
@@ -148,14 +148,71 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def save_checkpoint(model, tokenizer, path: str | Path):
-    """Write to a temporary folder, then rename into place: a kill mid-save never leaves half a checkpoint."""
-    path = Path(path)
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and resuming: nothing already computed is lost when a run dies
+# ----------------------------------------------------------------------------------------------
+
+TRAINING_STATE = "training_state.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """True when every value is finite: one host sync for all of them."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def checkpoints(save_dir: str | Path) -> list[Path]:
+    """The complete checkpoints `step_N` (those holding a training state) in `save_dir`, oldest first."""
+    found = [p for p in Path(save_dir).glob("step_*") if p.name[5:].isdigit() and (p / TRAINING_STATE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def save_training_state(
+    save_dir: str, step: int, script: str, tokenizer, models: dict, optimizers: dict, prompts, extra=None,
+    keep_last: int = 2,
+) -> Path:
+    """Write `save_dir/step_{step}`: every model in save_pretrained format (`policy` at the top, any other in a
+    subfolder of its name, e.g. `critic/`), the tokenizer, and training_state.pt (script, step, optimizer
+    states, RNG states, the prompt stream's position, and `extra`, a script's own state).
+
+    Everything goes to a temporary folder that is renamed into place at the end, so a kill during a save
+    leaves the previous checkpoints as they were. Then only the newest `keep_last` checkpoints are kept
+    (0: all). Weights that are not finite are never written.
+    """
+    check(
+        all_finite(*(p for m in models.values() for p in m.parameters())),
+        f"not saving step {step}: the weights hold NaN or inf",
+    )
+    path = Path(save_dir) / f"step_{step}"
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    for name, model in models.items():
+        model.save_pretrained(tmp if name == "policy" else tmp / name)
     tokenizer.save_pretrained(tmp)
-    if path.exists():
+    state = {
+        "script": script,
+        "step": step,
+        "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+        "rng": rng_state(),
+        "prompts": prompts.state_dict(),
+        "extra": extra or {},
+    }
+    torch.save(state, tmp / TRAINING_STATE)
+    if path.exists():  # the same step saved again (a resumed run): swap, then drop the old one
         old = path.with_name(path.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         path.rename(old)
@@ -163,6 +220,66 @@ def save_checkpoint(model, tokenizer, path: str | Path):
         shutil.rmtree(old)
     else:
         tmp.rename(path)
+    if keep_last:
+        for stale in checkpoints(save_dir)[:-keep_last]:
+            shutil.rmtree(stale)
+    return path
+
+
+def find_checkpoint(resume: str) -> Path:
+    """`resume` is a checkpoint folder, or a --save-dir whose newest complete checkpoint is taken."""
+    path = Path(resume)
+    check(path.is_dir(), f"--resume {resume}: no such folder")
+    if (path / TRAINING_STATE).is_file():
+        return path
+    found = checkpoints(path)
+    check(bool(found), f"--resume {resume}: not a checkpoint (no {TRAINING_STATE}) and holds no step_N checkpoint")
+    return found[-1]
+
+
+def load_training_state(resume: str, script: str, models: dict, optimizers: dict, prompts, save_dir=None):
+    """Restore what save_training_state wrote into the live objects: weights, optimizer states, the prompt
+    stream, and the RNG states last, so the next step draws what it would have drawn in an unbroken run.
+    Rows of `save_dir`/metrics.jsonl logged after the checkpoint's step are dropped (they will be logged
+    again). Returns (step, extra).
+    """
+    path = find_checkpoint(resume)
+    try:
+        state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise UserError(f"--resume {path}: cannot read {TRAINING_STATE} ({_first_line(e)})")
+    check(
+        isinstance(state, dict) and state.get("script") == script,
+        f"--resume {path}: a checkpoint of {state.get('script') if isinstance(state, dict) else 'something else'},"
+        f" not of {script}",
+    )
+    try:
+        for name, model in models.items():
+            folder = path if name == "policy" else path / name
+            # from_pretrained, then copy: it resolves tied weights and sharded files like any hub model
+            saved = type(model).from_pretrained(folder, dtype=next(model.parameters()).dtype)
+            model.load_state_dict(saved.state_dict())
+            del saved
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"--resume {path}: does not fit this model and these flags ({_first_line(e)})")
+    prompts.load_state_dict(state["prompts"])
+    if save_dir and (Path(save_dir) / METRICS_FILE).is_file():
+        metrics = Path(save_dir) / METRICS_FILE
+        rows = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
+        metrics.write_text("".join(row + "\n" for row in rows))
+    set_rng_state(state["rng"])
+    print(f"resumed from {path} at step {state['step']}")
+    return state["step"], state["extra"]
+
+
+def append_metrics(save_dir: Optional[str], step: int, metrics: dict):
+    """One JSON line per step in `save_dir`/metrics.jsonl (nothing without --save-dir)."""
+    if save_dir:
+        os.makedirs(save_dir, exist_ok=True)
+        with open(Path(save_dir) / METRICS_FILE, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
 def _first_line(e: Exception) -> str:
@@ -453,6 +570,13 @@ class PromptStream:
     def __init__(self, rows: list[dict], seed: int):
         self.rows, self.rng, self.order, self.position = rows, random.Random(seed), [], 0
 
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "order": list(self.order), "position": self.position}
+
+    def load_state_dict(self, state: dict):
+        self.rng.setstate(state["rng"])
+        self.order, self.position = list(state["order"]), state["position"]
+
     def next(self, n: int) -> list[dict]:
         batch = []
         while len(batch) < n:
@@ -587,15 +711,21 @@ def decode_completions(tokenizer, rollout: Rollout) -> list[str]:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, task: Task, max_new_tokens: int, eos_ids: list[int], batch_size: int = 64):
-    """Greedy accuracy on the fixed held-out rows. Returns (accuracy, [(prompt, completion, reward)])."""
+    """Greedy accuracy on the fixed held-out rows. Returns (accuracy, [(prompt, completion, reward)]).
+
+    The RNG states are restored afterwards, so evaluating (how often, or once more after a resume) never
+    changes what training samples.
+    """
     rewards, samples = [], []
-    for start in range(0, len(task.eval), batch_size):
-        rows = task.eval[start : start + batch_size]
-        prompts = [format_prompt(tokenizer, r["prompt"], task.use_chat_template) for r in rows]
-        rollout = generate(model, tokenizer, prompts, 1, max_new_tokens, 1.0, eos_ids, greedy=True)
-        completions = decode_completions(tokenizer, rollout)
-        batch_rewards = score(task, completions, rows, 1)
-        rewards.append(batch_rewards)
-        samples += [(r["prompt"], c, float(x)) for r, c, x in zip(rows, completions, batch_rewards)]
+    cuda = [torch.cuda.current_device()] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        for start in range(0, len(task.eval), batch_size):
+            rows = task.eval[start : start + batch_size]
+            prompts = [format_prompt(tokenizer, r["prompt"], task.use_chat_template) for r in rows]
+            rollout = generate(model, tokenizer, prompts, 1, max_new_tokens, 1.0, eos_ids, greedy=True)
+            completions = decode_completions(tokenizer, rollout)
+            batch_rewards = score(task, completions, rows, 1)
+            rewards.append(batch_rewards)
+            samples += [(r["prompt"], c, float(x)) for r, c, x in zip(rows, completions, batch_rewards)]
     accuracy = torch.cat(rewards).eq(1.0).float().mean().item()
     return accuracy, samples

@@ -45,6 +45,8 @@ from tqdm import tqdm
 
 import common
 
+SCRIPT = os.path.basename(__file__)  # recorded in checkpoints: --resume refuses another script's
+
 
 @dataclass
 class Args:
@@ -102,9 +104,18 @@ class Args:
     """evaluate greedy held-out accuracy every N steps (default: from the preset); it always runs at the start
     and the end; 0: only there"""
     save_dir: Optional[str] = None
-    """folder for checkpoints (save_pretrained format); none are written if unset"""
+    """folder for checkpoints (step_N: save_pretrained format, plus what --resume needs) and metrics.jsonl;
+    nothing is written if unset"""
     save_every: int = 0
     """write a checkpoint every N steps (0: only at the end, when --save-dir is set)"""
+    keep_last: int = 2
+    """checkpoints kept in --save-dir, the newest (0: all)"""
+    resume: Optional[str] = None
+    """continue a run from a checkpoint folder, or from the newest checkpoint in a --save-dir (which then
+    defaults to the checkpoint's folder)"""
+    max_skipped: int = 3
+    """optimizer steps with a non-finite loss or gradient norm are skipped; stop after this many steps in a row
+    with such a skip"""
     track: bool = False
     """log to Weights and Biases"""
     wandb_project: str = "rl-post-training"
@@ -131,6 +142,8 @@ def resolve_args(args: Args) -> Args:
         if getattr(args, field) is None:
             setattr(args, field, value)
     args.preset = preset
+    if args.resume and args.save_dir is None:  # keep saving where the resumed run saved
+        args.save_dir = str(common.find_checkpoint(args.resume).parent)
     if args.overlong_buffer is None:  # DAPO eq. 13: L_cache = L_max // 5, as the paper's 4096 of 20480
         args.overlong_buffer = args.max_new_tokens // 5
     return args
@@ -171,6 +184,8 @@ def validate_args(args: Args):
         f"--micro-batch-size {args.micro_batch_size}: must divide the minibatch of {minibatch} completions",
     )
     check(args.eval_every >= 0 and args.save_every >= 0, "--eval-every and --save-every must be 0 or more")
+    check(args.keep_last >= 0, f"--keep-last {args.keep_last}: must be 0 (keep all) or more")
+    check(args.max_skipped >= 1, f"--max-skipped {args.max_skipped}: must be at least 1")
 
 
 def compute_advantages(rewards: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
@@ -297,6 +312,8 @@ def main(args: Args):
     eos_ids = common.eos_token_ids(model, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     prompts = common.PromptStream(task.train, args.seed)
+    # what a checkpoint saves and --resume restores
+    models, optimizers = {"policy": model}, {"policy": optimizer}
     if args.track:
         import wandb
 
@@ -311,16 +328,29 @@ def main(args: Args):
         return accuracy
 
     def save(step):
-        path = os.path.join(args.save_dir, f"step_{step}")
-        common.save_checkpoint(model, tokenizer, path)
+        path = common.save_training_state(
+            args.save_dir, step, SCRIPT, tokenizer, models, optimizers, prompts,
+            {"skipped_steps": skipped_steps, "skipped_in_a_row": skipped_in_a_row}, args.keep_last,
+        )
         tqdm.write(f"saved {path}")
 
-    start_accuracy = run_eval(0)
+    # resume: weights, optimizer states, the prompt stream's position and the RNG states (common.py)
+    start_step, skipped_steps, skipped_in_a_row = 0, 0, 0
+    if args.resume:
+        start_step, extra = common.load_training_state(args.resume, SCRIPT, models, optimizers, prompts, args.save_dir)
+        skipped_steps, skipped_in_a_row = extra["skipped_steps"], extra["skipped_in_a_row"]
+        common.check(
+            start_step < args.num_steps, f"--num-steps {args.num_steps}: the checkpoint is already at step {start_step}"
+        )
+    start_accuracy = run_eval(start_step)
     batch_size = args.num_prompts * args.group_size
     minibatch_size = batch_size // args.num_minibatches
     micro_batch_size = args.micro_batch_size or minibatch_size
     start_time = time.time()
-    for step in tqdm(range(1, args.num_steps + 1), desc=args.exp_name, file=sys.stdout):
+    for step in tqdm(
+        range(start_step + 1, args.num_steps + 1), initial=start_step, total=args.num_steps, desc=args.exp_name,
+        file=sys.stdout,
+    ):
         # 1. Rollout and scoring with dynamic sampling (DAPO eq. 11): G completions per prompt, contiguous;
         # keep the groups whose task rewards are not all equal, generating prompt batches until num_prompts
         # groups survive or max_gen_batches rounds ran, and cut the surplus of the last round
@@ -349,9 +379,10 @@ def main(args: Args):
         if num_groups == 0:  # DAPO: every group of every round had equal rewards: nothing to learn, skip the update
             tqdm.write(f"step {step}: all {dropped_groups} groups of {gen_batches} generation batches had equal"
                        " rewards; update skipped")
+            skipped = {"dapo/gen_batches": gen_batches, "dapo/dropped_groups": dropped_groups, "dapo/kept_groups": 0}
             if args.track:
-                wandb.log({"dapo/gen_batches": gen_batches, "dapo/dropped_groups": dropped_groups,
-                           "dapo/kept_groups": 0}, step=step)
+                wandb.log(skipped, step=step)
+            common.append_metrics(args.save_dir, step, skipped)
             if args.eval_every and step % args.eval_every == 0 and step != args.num_steps:
                 run_eval(step)
             if args.save_dir and args.save_every and step % args.save_every == 0:
@@ -378,17 +409,24 @@ def main(args: Args):
                 args.logprob_chunk_size, with_entropy=True,
             )
 
-        # 4. update_epochs x num_minibatches optimizer steps, each accumulated over micro-batches
-        step_metrics = []
+        # 4. update_epochs x num_minibatches optimizer steps, each accumulated over micro-batches; a
+        # step whose loss or gradient norm is not finite is skipped (one host sync per optimizer step to know)
+        step_metrics, step_skipped = [], 0
         for epoch in range(args.update_epochs):
             order = torch.randperm(batch_size, device=device)
             for minibatch in order.split(minibatch_size):
                 optimizer.zero_grad(set_to_none=True)
-                step_metrics.append(accumulate_gradients(
+                minibatch_metrics = accumulate_gradients(
                     model, rollout, old_logp, advantages, minibatch, micro_batch_size, args
-                ))
+                )
+                step_metrics.append(minibatch_metrics)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
+                losses = [minibatch_metrics["loss/policy"]]
+                if common.all_finite(grad_norm, *losses):
+                    optimizer.step()
+                else:  # a NaN or inf loss or gradient norm: skip this optimizer step
+                    step_skipped += 1
+        skipped_steps += step_skipped
         time_train = time.time() - t0
 
         # 5. Logging: one host sync per step. DAPO: reward and completion statistics over every completion
@@ -409,6 +447,7 @@ def main(args: Args):
         logged = {k: float(v) for k, v in logged.items()}
         logged.update({
             "optim/lr": optimizer.param_groups[0]["lr"],
+            "optim/skipped_steps": skipped_steps,  # optimizer steps skipped so far
             "perf/tokens_per_sec": logged["completion/mean_length"] * len(all_lengths) / (time_generate + time_train),
             "perf/time_generate": time_generate,
             "perf/time_train": time_train,
@@ -423,6 +462,15 @@ def main(args: Args):
         )
         if args.track:
             wandb.log(logged, step=step)
+        common.append_metrics(args.save_dir, step, logged)
+        if step_skipped:
+            tqdm.write(f"step {step}: {step_skipped} optimizer step(s) skipped: non-finite loss or gradient norm")
+        skipped_in_a_row = skipped_in_a_row + 1 if step_skipped else 0
+        common.check(
+            skipped_in_a_row < args.max_skipped,
+            f"stopping at step {step}: {skipped_in_a_row} steps in a row had a non-finite loss or gradient norm"
+            f" (--max-skipped {args.max_skipped}); the checkpoints saved before are intact",
+        )
         if args.eval_every and step % args.eval_every == 0 and step != args.num_steps:
             run_eval(step)
         if args.save_dir and args.save_every and step % args.save_every == 0:
@@ -431,7 +479,7 @@ def main(args: Args):
     accuracy = run_eval(args.num_steps)
     print(f"held-out greedy accuracy: start {start_accuracy:.3f} -> end {accuracy:.3f}"
           f" ({time.time() - start_time:.0f}s of training)")
-    if args.save_dir:
+    if args.save_dir and not (args.save_every and args.num_steps % args.save_every == 0):  # else saved already
         save(args.num_steps)
     if args.track:
         wandb.finish()

@@ -15,11 +15,15 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["grpo.py", "dapo.py", "gspo.py", "gfpo.py", "ppo.py"]
 
 
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+
+
+def command(script, *args):
+    return [sys.executable, str(ROOT / script), *args]
+
+
 def run(script, *args, cwd=None, timeout=600):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
-    )
+    return subprocess.run(command(script, *args), capture_output=True, text=True, cwd=cwd, env=ENV, timeout=timeout)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -54,6 +58,8 @@ BAD_INPUT = [
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--num-minibatches", "3"], "--num-minibatches"),  # e.g. grpo's 16 x 16 = 256 completions do not split in 3
     (["--micro-batch-size", "100"], "--micro-batch-size"),  # 100 divides none of the scripts' minibatches
+    (["--keep-last", "-1"], "--keep-last"),
+    (["--max-skipped", "0"], "--max-skipped"),
 ]
 
 

@@ -1,0 +1,199 @@
+"""Runs that survive: kill and resume, the guard against non-finite steps, determinism, checkpoint errors."""
+
+import importlib
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+from test_scripts import ENV, SCRIPTS, check_bad_input, command, run
+
+
+def module(script):
+    return importlib.import_module(script.removesuffix(".py"))
+
+
+def metrics(save_dir):
+    """The logged metrics by step, without the timings (they differ from run to run)."""
+    rows = [json.loads(line) for line in (save_dir / common.METRICS_FILE).read_text().splitlines()]
+    return {row["step"]: {k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows}
+
+
+def weights(checkpoint):
+    """Every saved tensor of a checkpoint (the policy, and the critic of ppo.py), by file and name."""
+    return {
+        f"{path.relative_to(checkpoint)}:{name}": tensor
+        for path in sorted(checkpoint.rglob("*.safetensors"))
+        for name, tensor in load_file(path).items()
+    }
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and wa
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_kill_and_resume_equals_an_unbroken_run(script, tmp_path):
+    flags = ["--eval-every", "0", "--save-every", "3"]
+    unbroken, killed = tmp_path / "unbroken", tmp_path / "killed"
+    result = run(script, "--num-steps", "6", "--save-dir", str(unbroken), *flags)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    # the same run (long, so it cannot end first), killed with SIGKILL as soon as its step-3 checkpoint exists:
+    # the checkpoint is renamed into place complete, so its folder existing means it is whole
+    process = subprocess.Popen(
+        command(script, "--num-steps", "100", "--save-dir", str(killed), *flags),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+    )
+    deadline = time.time() + 300
+    while not (killed / "step_3").is_dir():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its step-3 checkpoint"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (killed / "step_6").exists()  # killed well before the end
+
+    # resumed for 3 more steps: same logged rewards and losses, same weights, as the unbroken run
+    result = run(script, "--num-steps", "6", "--resume", str(killed / "step_3"), *flags)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stdout
+    got, want = metrics(killed), metrics(unbroken)
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5, 6]  # the rows logged after step 3 before the kill are gone
+    for step in want:
+        assert got[step]["reward/mean"] == want[step]["reward/mean"], step
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+    assert_same_weights(killed / "step_6", unbroken / "step_6")
+
+
+def train(script, save_dir, **fields):
+    """A short in-process run of `script` with the embedded default, logging to `save_dir`."""
+    fields = {"num_steps": 3, "eval_every": 0, "save_dir": str(save_dir), **fields}
+    module(script).main(module(script).Args(**fields))
+    return metrics(save_dir)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_same_seed_same_run(script, tmp_path):
+    first, second = train(script, tmp_path / "first"), train(script, tmp_path / "second")
+    assert first == second
+    assert len({row["reward/mean"] for row in first.values()}) > 1 or first[1]["loss/policy"] != 0  # not all empty
+    assert_same_weights(tmp_path / "first" / "step_3", tmp_path / "second" / "step_3")
+
+
+def poison_rewards(monkeypatch, calls):
+    """Make common.score return NaN for every completion of the given training calls (0-based), as a broken
+    reward function would. Evaluation (common.evaluate runs under no_grad) keeps the true score."""
+    score, count = common.score, [0]
+
+    def nan_score(*args):
+        rewards = score(*args)
+        if torch.is_grad_enabled():
+            if count[0] in calls:
+                rewards = torch.full_like(rewards, float("nan"))
+            count[0] += 1
+        return rewards
+
+    monkeypatch.setattr(common, "score", nan_score)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_nan_reward_skips_the_update_and_the_run_goes_on(script, tmp_path, monkeypatch):
+    poison_rewards(monkeypatch, calls={0})  # the first batch of step 1
+    logged = train(script, tmp_path, save_every=1, keep_last=0)
+    args = module(script).resolve_args(module(script).Args())
+    updates = args.update_epochs * args.num_minibatches  # optimizer steps per step: all of step 1's are skipped
+    assert [logged[s]["optim/skipped_steps"] for s in (1, 2, 3)] == [updates, updates, updates]
+    # no optimizer step in step 1: its checkpoint holds the initial weights; steps 2-3 trained and stayed finite
+    initial = {name: t for name, t in load_file(common.TINY_MODEL / "model.safetensors").items()}
+    step_1 = {name.split(":")[1]: t for name, t in weights(tmp_path / "step_1").items() if name.startswith("model")}
+    assert step_1.keys() == initial.keys() and all(torch.equal(step_1[k], initial[k]) for k in initial)
+    step_3 = weights(tmp_path / "step_3")
+    assert all(t.isfinite().all() for t in step_3.values())
+    assert any(not torch.equal(step_3[f"model.safetensors:{k}"], initial[k]) for k in initial)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_non_finite_steps_in_a_row_stop_the_run(script, tmp_path, monkeypatch):
+    poison_rewards(monkeypatch, calls=set(range(1000)))
+    with pytest.raises(common.UserError, match=r"stopping at step 3: 3 steps in a row .* \(--max-skipped 3\)"):
+        train(script, tmp_path, num_steps=5, save_every=1)
+    assert sorted(metrics(tmp_path)) == [1, 2, 3]
+    assert [p.name for p in common.checkpoints(tmp_path)] == ["step_1", "step_2"]  # step 3 stopped before saving
+
+
+def test_non_finite_weights_are_never_saved(tiny, tmp_path):
+    model, tokenizer, _ = tiny
+    broken = common.load_model("tiny", torch.device("cpu"))
+    with torch.no_grad():
+        broken.lm_head.weight[0, 0] = float("inf")
+    optimizer = torch.optim.AdamW(broken.parameters())
+    prompts = common.PromptStream([{"prompt": "1+1=", "answer": 2}], 0)
+    with pytest.raises(common.UserError, match="not saving step 7: the weights hold NaN or inf"):
+        common.save_training_state(tmp_path, 7, "grpo.py", tokenizer, {"policy": broken}, {"policy": optimizer}, prompts)
+    assert not any(tmp_path.iterdir())
+
+
+def test_keep_last_and_a_save_that_dies_halfway(tmp_path, monkeypatch):
+    train("grpo.py", tmp_path / "all", num_steps=4, save_every=1, keep_last=0)
+    assert [p.name for p in common.checkpoints(tmp_path / "all")] == ["step_1", "step_2", "step_3", "step_4"]
+    train("grpo.py", tmp_path / "two", num_steps=4, save_every=1, keep_last=2)
+    assert [p.name for p in common.checkpoints(tmp_path / "two")] == ["step_3", "step_4"]
+
+    # a save that dies after the weights, before the training state: step_2 is left as it was, the temporary
+    # folder is no checkpoint, and --resume of the folder takes step_2
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", die)
+    with pytest.raises(KeyboardInterrupt):
+        train("grpo.py", tmp_path / "two", num_steps=5, resume=str(tmp_path / "two"), save_every=1, keep_last=2)
+    assert (tmp_path / "two" / "step_5.tmp").is_dir()
+    assert common.find_checkpoint(str(tmp_path / "two")).name == "step_4"
+
+
+@pytest.fixture(scope="module")
+def grpo_checkpoint(tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("grpo_run")
+    train("grpo.py", save_dir, num_steps=1)
+    return save_dir / "step_1"
+
+
+def corrupt_checkpoint(tmp_path, grpo_checkpoint):
+    import shutil
+
+    broken = tmp_path / "step_1"
+    shutil.copytree(grpo_checkpoint, broken)
+    (broken / common.TRAINING_STATE).write_bytes(b"not a checkpoint")
+    return str(broken)
+
+
+@pytest.mark.parametrize(
+    "resume,script,names",
+    [
+        (lambda tmp, ckpt: "/no/such/checkpoint", "grpo.py", "--resume /no/such/checkpoint: no such folder"),
+        (lambda tmp, ckpt: str(tmp), "grpo.py", "not a checkpoint"),  # an empty folder
+        (corrupt_checkpoint, "grpo.py", "cannot read training_state.pt"),
+        (lambda tmp, ckpt: str(ckpt), "gspo.py", "a checkpoint of grpo.py, not of gspo.py"),
+        (lambda tmp, ckpt: str(ckpt), "ppo.py", "a checkpoint of grpo.py, not of ppo.py"),
+    ],
+)
+def test_bad_checkpoints_are_user_errors(resume, script, names, tmp_path, grpo_checkpoint):
+    check_bad_input(script, ["--resume", resume(tmp_path, grpo_checkpoint)], names, tmp_path)
+
+
+def test_resume_at_the_last_step_is_a_user_error(tmp_path, grpo_checkpoint):
+    # check_bad_input runs 1 step, and the checkpoint is at step 1
+    check_bad_input("grpo.py", ["--resume", str(grpo_checkpoint), "--save-dir", str(tmp_path)], "--num-steps 1", tmp_path)
+
+
+def test_a_bad_resume_path_is_one_line_and_exit_2(tmp_path):
+    result = run("gfpo.py", "--resume", str(tmp_path / "nothing"))
+    assert result.returncode == 2 and result.stderr.strip() == f"error: --resume {tmp_path / 'nothing'}: no such folder"
