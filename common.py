@@ -6,6 +6,7 @@ No loss or advantage code lives here: that is each script's own business.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import math
 import os
@@ -47,9 +48,14 @@ def seed_everything(seed: int):
 
 
 def get_device(name: str = "auto") -> torch.device:
+    """`auto`: the GPU when there is one (under torchrun, the LOCAL_RANK-th), else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
 
 
 def autocast(device: torch.device):
@@ -149,6 +155,105 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Several processes (torchrun): FSDP2 sharding and reductions. In a single process all of it is a no-op.
+# ----------------------------------------------------------------------------------------------
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def init_distributed(device: torch.device) -> int:
+    """Under torchrun (RANK in the environment): join the process group, nccl on CUDA and gloo on the CPU,
+    with this process's GPU the LOCAL_RANK-th one; stdout is silenced on every rank but 0, so only rank 0
+    prints. Returns this process's rank (0 without torchrun)."""
+    if "RANK" not in os.environ:
+        return 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return dist.get_rank()
+
+
+def finish_distributed():
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_model(model):
+    """Under torchrun, FSDP2: `fully_shard` every decoder layer (the model's `_no_split_modules`), then the
+    root (embeddings, final norm, LM head). Each process then holds 1/world of every weight, gradient and
+    optimizer state; a forward all-gathers one layer at a time. Returns the model (unchanged without torchrun,
+    or for None)."""
+    if model is None or world_size() == 1:
+        return model
+    import types
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (world_size(),))
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    check(bool(layer_classes), f"{type(model).__name__}: no _no_split_modules, so no decoder layers to shard")
+    for module in model.modules():
+        if type(module).__name__ in layer_classes:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    # completion_logprobs calls the backbone and the LM head directly, not model.forward: registered as a
+    # forward method, it gets the root's all-gather before and its gradient reduce-scatter after
+    model.fsdp_completion_logprobs = types.MethodType(_completion_logprobs, model)
+    register_fsdp_forward_method(model, "fsdp_completion_logprobs")
+    return model
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor (FSDP2's clip_grad_norm_ returns a DTensor)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """`tensor` summed (`sum`), averaged (`mean`) or minimised (`min`) over the processes; a new tensor."""
+    tensor = _local(tensor).clone()
+    if world_size() == 1:
+        return tensor
+    import torch.distributed as dist
+
+    if op == "mean":
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor / world_size()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM)
+    return tensor
+
+
+def min_over_processes(value: int, device: torch.device) -> int:
+    """The smallest of the processes' values (the value itself in one process)."""
+    return int(all_reduce(torch.tensor(value, device=device), "min"))
+
+
+def mean_over_processes(metrics: dict) -> dict:
+    """Each metric averaged over the processes, in one all-reduce (rank 0 logs them)."""
+    if world_size() == 1:
+        return metrics
+    names = list(metrics)
+    values = all_reduce(torch.stack([_local(metrics[k]).float() for k in names]), "mean")
+    return dict(zip(names, values))
+
+
+# ----------------------------------------------------------------------------------------------
 # Checkpoints and resuming: nothing already computed is lost when a run dies
 # ----------------------------------------------------------------------------------------------
 
@@ -171,8 +276,9 @@ def set_rng_state(state: dict):
 
 
 def all_finite(*tensors: torch.Tensor) -> bool:
-    """True when every value is finite: one host sync for all of them."""
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    """True when every value is finite, on every process: one host sync for all of them."""
+    finite = torch.stack([torch.isfinite(_local(t)).all() for t in tensors]).all()
+    return bool(all_reduce(finite.float(), "min"))
 
 
 def checkpoints(save_dir: str | Path) -> list[Path]:
@@ -181,48 +287,80 @@ def checkpoints(save_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
+def _full_states(models: dict, optimizers: dict) -> tuple[dict, dict]:
+    """Model and optimizer state dicts, whole, for saving. Under torchrun every process takes part in the
+    gather and rank 0 gets the full (unsharded) tensors on the CPU; in a single process the model's own."""
+    if world_size() == 1:
+        return {name: None for name in models}, {name: opt.state_dict() for name, opt in optimizers.items()}
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_states = {name: get_model_state_dict(model, options=options) for name, model in models.items()}
+    optimizer_states = {
+        name: get_optimizer_state_dict(models[name], opt, options=options) for name, opt in optimizers.items()
+    }
+    return model_states, optimizer_states
+
+
 def save_training_state(
     save_dir: str, step: int, script: str, tokenizer, models: dict, optimizers: dict, prompts, extra=None,
     keep_last: int = 2,
 ) -> Path:
     """Write `save_dir/step_{step}`: every model in save_pretrained format (`policy` at the top, any other in a
     subfolder of its name, e.g. `critic/`), the tokenizer, and training_state.pt (script, step, optimizer
-    states, RNG states, the prompt stream's position, and `extra`, a script's own state).
+    states, the RNG states of every process, the prompt stream's position, and `extra`, a script's own
+    state). `optimizers` has the keys of `models`.
 
     Everything goes to a temporary folder that is renamed into place at the end, so a kill during a save
     leaves the previous checkpoints as they were. Then only the newest `keep_last` checkpoints are kept
-    (0: all). Weights that are not finite are never written.
+    (0: all). Weights that are not finite are never written. Under torchrun every process must call this;
+    rank 0 writes.
     """
-    check(
-        all_finite(*(p for m in models.values() for p in m.parameters())),
-        f"not saving step {step}: the weights hold NaN or inf",
-    )
+    local_weights = [getattr(p, "to_local", lambda p=p: p)() for m in models.values() for p in m.parameters()]
+    check(all_finite(*local_weights), f"not saving step {step}: the weights hold NaN or inf")
+    model_states, optimizer_states = _full_states(models, optimizers)
+    rng = [rng_state()]
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        rng = [None] * world_size()
+        dist.all_gather_object(rng, rng_state())
     path = Path(save_dir) / f"step_{step}"
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for name, model in models.items():
-        model.save_pretrained(tmp if name == "policy" else tmp / name)
-    tokenizer.save_pretrained(tmp)
-    state = {
-        "script": script,
-        "step": step,
-        "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-        "rng": rng_state(),
-        "prompts": prompts.state_dict(),
-        "extra": extra or {},
-    }
-    torch.save(state, tmp / TRAINING_STATE)
-    if path.exists():  # the same step saved again (a resumed run): swap, then drop the old one
-        old = path.with_name(path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(path)
-    if keep_last:
-        for stale in checkpoints(save_dir)[:-keep_last]:
-            shutil.rmtree(stale)
+    if rank() == 0:
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for name, model in models.items():
+            model.save_pretrained(tmp if name == "policy" else tmp / name, state_dict=model_states[name])
+        tokenizer.save_pretrained(tmp)
+        state = {
+            "script": script,
+            "step": step,
+            "world_size": world_size(),
+            "optimizers": optimizer_states,
+            "rng": rng,
+            "prompts": prompts.state_dict(),
+            "extra": extra or {},
+        }
+        torch.save(state, tmp / TRAINING_STATE)
+        if path.exists():  # the same step saved again (a resumed run): swap, then drop the old one
+            old = path.with_name(path.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+        if keep_last:
+            for stale in checkpoints(save_dir)[:-keep_last]:
+                shutil.rmtree(stale)
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the checkpoint is on disk before any process goes on
     return path
 
 
@@ -241,7 +379,8 @@ def load_training_state(resume: str, script: str, models: dict, optimizers: dict
     """Restore what save_training_state wrote into the live objects: weights, optimizer states, the prompt
     stream, and the RNG states last, so the next step draws what it would have drawn in an unbroken run.
     Rows of `save_dir`/metrics.jsonl logged after the checkpoint's step are dropped (they will be logged
-    again). Returns (step, extra).
+    again). Under torchrun every process loads; the number of processes must be the one that saved.
+    Returns (step, extra).
     """
     path = find_checkpoint(resume)
     try:
@@ -253,30 +392,44 @@ def load_training_state(resume: str, script: str, models: dict, optimizers: dict
         f"--resume {path}: a checkpoint of {state.get('script') if isinstance(state, dict) else 'something else'},"
         f" not of {script}",
     )
+    check(
+        state["world_size"] == world_size(),
+        f"--resume {path}: saved by {state['world_size']} process(es), resumed with {world_size()}: use as many",
+    )
     try:
         for name, model in models.items():
             folder = path if name == "policy" else path / name
             # from_pretrained, then copy: it resolves tied weights and sharded files like any hub model
-            saved = type(model).from_pretrained(folder, dtype=next(model.parameters()).dtype)
-            model.load_state_dict(saved.state_dict())
+            saved = type(model).from_pretrained(folder, dtype=next(model.parameters()).dtype).state_dict()
+            if world_size() == 1:
+                model.load_state_dict(saved)
+                optimizers[name].load_state_dict(state["optimizers"][name])
+            else:  # every process takes its shard of the full state dicts
+                from torch.distributed.checkpoint.state_dict import (
+                    StateDictOptions,
+                    set_model_state_dict,
+                    set_optimizer_state_dict,
+                )
+
+                options = StateDictOptions(full_state_dict=True)
+                set_model_state_dict(model, saved, options=options)
+                set_optimizer_state_dict(model, optimizers[name], state["optimizers"][name], options=options)
             del saved
-        for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][name])
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"--resume {path}: does not fit this model and these flags ({_first_line(e)})")
     prompts.load_state_dict(state["prompts"])
-    if save_dir and (Path(save_dir) / METRICS_FILE).is_file():
-        metrics = Path(save_dir) / METRICS_FILE
+    metrics = Path(save_dir or path.parent) / METRICS_FILE
+    if rank() == 0 and metrics.is_file():
         rows = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
         metrics.write_text("".join(row + "\n" for row in rows))
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng"][rank()])
     print(f"resumed from {path} at step {state['step']}")
     return state["step"], state["extra"]
 
 
 def append_metrics(save_dir: Optional[str], step: int, metrics: dict):
-    """One JSON line per step in `save_dir`/metrics.jsonl (nothing without --save-dir)."""
-    if save_dir:
+    """One JSON line per step in `save_dir`/metrics.jsonl (nothing without --save-dir; rank 0 only)."""
+    if save_dir and rank() == 0:
         os.makedirs(save_dir, exist_ok=True)
         with open(Path(save_dir) / METRICS_FILE, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -357,7 +510,12 @@ def generate(
     was_training = model.training
     model.eval()
     with autocast(device):
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        # synced_gpus: under torchrun a process whose rows have all ended keeps stepping (its forward passes take
+        # part in FSDP's all-gathers) until every process is done
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+            synced_gpus=world_size() > 1,
+        )
     model.train(was_training)
     P = input_ids.shape[1]
     completion_ids = out[:, P:]
@@ -398,6 +556,14 @@ def completion_logprobs(
     With `with_entropy`, also returns the entropy of softmax(logits / temperature) per token, computed
     from the same logits (and carrying gradient when gradients are on); otherwise None.
     """
+    if hasattr(model, "fsdp_completion_logprobs"):  # sharded by shard_model: the same code, as an FSDP forward
+        forward = model.fsdp_completion_logprobs
+    else:
+        forward = functools.partial(_completion_logprobs, model)
+    return forward(input_ids, attention_mask, prompt_len, temperature, chunk_size, with_entropy)
+
+
+def _completion_logprobs(model, input_ids, attention_mask, prompt_len, temperature, chunk_size, with_entropy):
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # same positions as `generate` used
     device = input_ids.device
     with autocast(device):
@@ -422,8 +588,9 @@ def completion_logprobs(
                 logp, entropy = _token_logprobs(lm_head, h, y, temperature, with_entropy)
         logps.append(logp)
         entropies.append(entropy)
-    logp = torch.cat(logps).view(B, T)
-    entropy = torch.cat(entropies).view(B, T) if with_entropy else None
+    # new tensors, not views: FSDP2 hooks the outputs of a forward for the backward pass
+    logp = torch.cat(logps).view(B, T).clone()
+    entropy = torch.cat(entropies).view(B, T).clone() if with_entropy else None
     return logp, entropy
 
 
@@ -714,18 +881,25 @@ def evaluate(model, tokenizer, task: Task, max_new_tokens: int, eos_ids: list[in
     """Greedy accuracy on the fixed held-out rows. Returns (accuracy, [(prompt, completion, reward)]).
 
     The RNG states are restored afterwards, so evaluating (how often, or once more after a resume) never
-    changes what training samples.
+    changes what training samples. Under torchrun each process evaluates its share of the rows (padded to
+    equal shares with rows that do not count) and the accuracy is summed over processes; the samples are
+    this process's.
     """
+    per_process = math.ceil(len(task.eval) / world_size())
+    rows = task.eval[rank() * per_process : (rank() + 1) * per_process]
+    counts = [1.0] * len(rows) + [0.0] * (per_process - len(rows))
+    rows = rows + [task.eval[0]] * (per_process - len(rows))
     rewards, samples = [], []
     cuda = [torch.cuda.current_device()] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
-        for start in range(0, len(task.eval), batch_size):
-            rows = task.eval[start : start + batch_size]
-            prompts = [format_prompt(tokenizer, r["prompt"], task.use_chat_template) for r in rows]
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            prompts = [format_prompt(tokenizer, r["prompt"], task.use_chat_template) for r in batch]
             rollout = generate(model, tokenizer, prompts, 1, max_new_tokens, 1.0, eos_ids, greedy=True)
             completions = decode_completions(tokenizer, rollout)
-            batch_rewards = score(task, completions, rows, 1)
+            batch_rewards = score(task, completions, batch, 1)
             rewards.append(batch_rewards)
-            samples += [(r["prompt"], c, float(x)) for r, c, x in zip(rows, completions, batch_rewards)]
-    accuracy = torch.cat(rewards).eq(1.0).float().mean().item()
-    return accuracy, samples
+            samples += [(r["prompt"], c, float(x)) for r, c, x in zip(batch, completions, batch_rewards)]
+    correct = (torch.cat(rewards).eq(1.0).float() * torch.tensor(counts)).sum()
+    accuracy = all_reduce(correct.to(model.device), "sum").item() / len(task.eval)
+    return accuracy, samples[: sum(int(c) for c in counts)]

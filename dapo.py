@@ -65,7 +65,8 @@ class Args:
     num_steps: Optional[int] = None
     """rollout batches to train on (default: from the preset)"""
     num_prompts: int = 16
-    """prompts per rollout batch, counted after dynamic sampling (groups with unequal rewards)"""
+    """prompts per rollout batch, counted after dynamic sampling (groups with unequal rewards), over all
+    processes under torchrun"""
     group_size: int = 16
     """completions sampled per prompt (G)"""
     max_new_tokens: Optional[int] = None
@@ -91,7 +92,8 @@ class Args:
     num_minibatches: Optional[int] = None
     """optimizer steps per pass (the rollout batch is shuffled and split); default: from the preset"""
     micro_batch_size: Optional[int] = None
-    """rows per forward/backward (gradient accumulation); default: from the preset, else the whole minibatch"""
+    """rows per forward/backward on each process (gradient accumulation); default: from the preset, else the
+    whole minibatch"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm"""
     weight_decay: float = 0.0
@@ -149,7 +151,8 @@ def resolve_args(args: Args) -> Args:
     return args
 
 
-def validate_args(args: Args):
+def validate_args(args: Args, world_size: int = 1):
+    """Every flag in range; under torchrun the batch is split over `world_size` processes."""
     check = common.check
     check(args.group_size >= 2, f"--group-size {args.group_size}: must be at least 2 (advantages compare a group)")
     check(args.num_prompts >= 1, f"--num-prompts {args.num_prompts}: must be at least 1")
@@ -171,11 +174,15 @@ def validate_args(args: Args):
     check(args.max_grad_norm > 0, f"--max-grad-norm {args.max_grad_norm}: must be positive")
     check(args.update_epochs >= 1, f"--update-epochs {args.update_epochs}: must be at least 1")
     check(args.logprob_chunk_size >= 1, f"--logprob-chunk-size {args.logprob_chunk_size}: must be at least 1")
-    batch = args.num_prompts * args.group_size
+    check(
+        args.num_prompts % world_size == 0,
+        f"--num-prompts {args.num_prompts}: must be divisible by the number of processes ({world_size})",
+    )
+    batch = args.num_prompts // world_size * args.group_size
     check(
         args.num_minibatches >= 1 and batch % args.num_minibatches == 0,
         f"--num-minibatches {args.num_minibatches}: must divide the rollout batch of {batch} completions"
-        f" (--num-prompts x --group-size)",
+        f" (--num-prompts x --group-size / processes)",
     )
     minibatch = batch // args.num_minibatches
     micro = args.micro_batch_size or minibatch
@@ -262,7 +269,10 @@ def accumulate_gradients(model, rollout, old_logp, advantages, minibatch, micro_
     add up to the minibatch loss with no further weighting. Returns the minibatch's metrics.
     """
     metrics = []
-    num_tokens = rollout.completion_mask[minibatch].sum().clamp(min=1)  # --mask-truncated can leave none
+    # the token-mean's denominator: this minibatch's token count, averaged over the processes under torchrun,
+    # where FSDP averages the gradients: the gradient is then that of the global minibatch's token-mean.
+    # At least 1: --mask-truncated can leave no token
+    num_tokens = common.all_reduce(rollout.completion_mask[minibatch].sum(), "mean").clamp(min=1)
     for micro in minibatch.split(micro_batch_size):
         logp, _ = common.completion_logprobs(
             model, rollout.input_ids[micro], rollout.attention_mask[micro], rollout.prompt_len,
@@ -301,20 +311,26 @@ def concat_rollouts(rollouts: list[common.Rollout], pad_id: int) -> common.Rollo
 
 def main(args: Args):
     args = resolve_args(args)
-    validate_args(args)
-    common.seed_everything(args.seed)
+    validate_args(args, common.world_size())
     device = common.get_device(args.device)
+    # torchrun: join the process group (common.init_distributed); every process samples its own completions,
+    # all of them take part in evaluating and saving, and only rank 0 prints and logs
+    rank = common.init_distributed(device)
+    common.seed_everything(args.seed + rank)
+    track = args.track and rank == 0
     print("resolved arguments: " + ", ".join(f"{k}={v}" for k, v in asdict(args).items()))
 
     tokenizer = common.load_tokenizer(args.model)
     task = common.load_task(args.task)
     model = common.load_model(args.model, device, args.gradient_checkpointing)
+    # torchrun: FSDP2 shards the model over the processes (common.shard_model); one process: unchanged
+    model = common.shard_model(model)
     eos_ids = common.eos_token_ids(model, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     prompts = common.PromptStream(task.train, args.seed)
     # what a checkpoint saves and --resume restores
     models, optimizers = {"policy": model}, {"policy": optimizer}
-    if args.track:
+    if track:
         import wandb
 
         wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.exp_name, config=asdict(args))
@@ -322,7 +338,7 @@ def main(args: Args):
     def run_eval(step):
         accuracy, samples = common.evaluate(model, tokenizer, task, args.max_new_tokens, eos_ids)
         tqdm.write(f"step {step}: held-out greedy accuracy {accuracy:.3f} ({len(task.eval)} prompts)")
-        if args.track:
+        if track:
             table = wandb.Table(columns=["prompt", "completion", "reward"], data=[list(s) for s in samples[:8]])
             wandb.log({"eval/accuracy": accuracy, "eval/samples": table}, step=step)
         return accuracy
@@ -343,7 +359,8 @@ def main(args: Args):
             start_step < args.num_steps, f"--num-steps {args.num_steps}: the checkpoint is already at step {start_step}"
         )
     start_accuracy = run_eval(start_step)
-    batch_size = args.num_prompts * args.group_size
+    num_prompts = args.num_prompts // common.world_size()  # this process's share of each rollout batch
+    batch_size = num_prompts * args.group_size
     minibatch_size = batch_size // args.num_minibatches
     micro_batch_size = args.micro_batch_size or minibatch_size
     start_time = time.time()
@@ -353,12 +370,13 @@ def main(args: Args):
     ):
         # 1. Rollout and scoring with dynamic sampling (DAPO eq. 11): G completions per prompt, contiguous;
         # keep the groups whose task rewards are not all equal, generating prompt batches until num_prompts
-        # groups survive or max_gen_batches rounds ran, and cut the surplus of the last round
+        # groups survive or max_gen_batches rounds ran, and cut the surplus of the last round. Under torchrun
+        # each process fills its share, and all go on generating until the one with the fewest groups is done
         t0 = time.time()
         kept, generated, gen_batches, num_groups, dropped_groups = [], [], 0, 0, 0
-        while num_groups < args.num_prompts and gen_batches < args.max_gen_batches:
+        while common.min_over_processes(num_groups, device) < num_prompts and gen_batches < args.max_gen_batches:
             gen_batches += 1
-            rows = prompts.next(args.num_prompts)
+            rows = prompts.next(args.num_prompts)[rank * num_prompts : (rank + 1) * num_prompts]
             texts = [common.format_prompt(tokenizer, r["prompt"], task.use_chat_template) for r in rows]
             rollout = common.generate(
                 model, tokenizer, texts, args.group_size, args.max_new_tokens, args.temperature, eos_ids
@@ -370,17 +388,19 @@ def main(args: Args):
             rewards = task_rewards + penalty
             survivors = filter_groups(task_rewards, args.group_size)
             dropped_groups += int((~survivors).sum())
-            groups = survivors.nonzero().squeeze(1)[: args.num_prompts - num_groups]
+            groups = survivors.nonzero().squeeze(1)[: num_prompts - num_groups]
             keep = (groups[:, None] * args.group_size + torch.arange(args.group_size, device=device)).view(-1)
             kept.append((take_rows(rollout, keep), rewards[keep]))
             generated.append((rewards, penalty, rollout.lengths, rollout.truncated))
             num_groups += len(groups)
         time_generate = time.time() - t0
+        # torchrun: every process trains on as many groups as the one with the fewest (FSDP's passes must match)
+        num_groups = common.min_over_processes(num_groups, device)
         if num_groups == 0:  # DAPO: every group of every round had equal rewards: nothing to learn, skip the update
             tqdm.write(f"step {step}: all {dropped_groups} groups of {gen_batches} generation batches had equal"
                        " rewards; update skipped")
             skipped = {"dapo/gen_batches": gen_batches, "dapo/dropped_groups": dropped_groups, "dapo/kept_groups": 0}
-            if args.track:
+            if track:
                 wandb.log(skipped, step=step)
             common.append_metrics(args.save_dir, step, skipped)
             if args.eval_every and step % args.eval_every == 0 and step != args.num_steps:
@@ -388,11 +408,14 @@ def main(args: Args):
             if args.save_dir and args.save_every and step % args.save_every == 0:
                 save(step)
             continue
-        if num_groups < args.num_prompts:  # DAPO: fewer groups survived than asked for: train on those
-            tqdm.write(f"step {step}: only {num_groups} of {args.num_prompts} groups had unequal rewards in"
+        if num_groups < num_prompts:  # DAPO: fewer groups survived than asked for: train on those
+            tqdm.write(f"step {step}: only {num_groups} of {num_prompts} groups had unequal rewards in"
                        f" {gen_batches} generation batches; training on them")
         rollout = concat_rollouts([r for r, _ in kept], tokenizer.pad_token_id)
         rewards = torch.cat([r for _, r in kept])
+        if len(rewards) > num_groups * args.group_size:  # torchrun: this process kept more than the fewest
+            rows_kept = torch.arange(num_groups * args.group_size, device=device)
+            rollout, rewards = take_rows(rollout, rows_kept), rewards[rows_kept]
         batch_size = len(rewards)  # DAPO: fewer than num_prompts groups when fewer survived
 
         # 2. Advantages
@@ -444,7 +467,7 @@ def main(args: Args):
             "groups/zero_std_frac": (all_rewards.view(-1, args.group_size).std(dim=1) == 0).float().mean(),
             "dapo/overlong_penalty": all_penalty.mean(),
         })
-        logged = {k: float(v) for k, v in logged.items()}
+        logged = {k: float(v) for k, v in common.mean_over_processes(logged).items()}
         logged.update({
             "optim/lr": optimizer.param_groups[0]["lr"],
             "optim/skipped_steps": skipped_steps,  # optimizer steps skipped so far
@@ -460,7 +483,7 @@ def main(args: Args):
             f"  batches {gen_batches}  kept {num_groups}  len {logged['completion/mean_length']:.1f}"
             f"  grad {logged['optim/grad_norm']:.3f}  {logged['perf/tokens_per_sec']:.0f} tok/s"
         )
-        if args.track:
+        if track:
             wandb.log(logged, step=step)
         common.append_metrics(args.save_dir, step, logged)
         if step_skipped:
@@ -481,8 +504,9 @@ def main(args: Args):
           f" ({time.time() - start_time:.0f}s of training)")
     if args.save_dir and not (args.save_every and args.num_steps % args.save_every == 0):  # else saved already
         save(args.num_steps)
-    if args.track:
+    if track:
         wandb.finish()
+    common.finish_distributed()
 
 
 if __name__ == "__main__":

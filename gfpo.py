@@ -79,7 +79,7 @@ class Args:
     num_steps: Optional[int] = None
     """rollout batches to train on (default: from the preset)"""
     num_prompts: int = 16
-    """prompts per rollout batch"""
+    """prompts per rollout batch, over all processes under torchrun"""
     group_size: int = 16
     """completions sampled per prompt (G); only k of them are trained on"""
     k: int = 8
@@ -107,7 +107,8 @@ class Args:
     num_minibatches: int = 1
     """optimizer steps per pass (the rollout batch is shuffled and split)"""
     micro_batch_size: Optional[int] = None
-    """rows per forward/backward (gradient accumulation); default: from the preset, else the whole minibatch"""
+    """rows per forward/backward on each process (gradient accumulation); default: from the preset, else the
+    whole minibatch"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm"""
     weight_decay: float = 0.0
@@ -160,7 +161,8 @@ def resolve_args(args: Args) -> Args:
     return args
 
 
-def validate_args(args: Args):
+def validate_args(args: Args, world_size: int = 1):
+    """Every flag in range; under torchrun the batch is split over `world_size` processes."""
     check = common.check
     check(args.group_size >= 2, f"--group-size {args.group_size}: must be at least 2 (advantages compare a group)")
     check(args.metric in ("length", "token_efficiency"), f"--metric {args.metric}: choose length or token_efficiency")
@@ -181,11 +183,15 @@ def validate_args(args: Args):
     check(args.max_grad_norm > 0, f"--max-grad-norm {args.max_grad_norm}: must be positive")
     check(args.update_epochs >= 1, f"--update-epochs {args.update_epochs}: must be at least 1")
     check(args.logprob_chunk_size >= 1, f"--logprob-chunk-size {args.logprob_chunk_size}: must be at least 1")
-    batch = args.num_prompts * args.k  # GFPO: only the retained completions are trained on
+    check(
+        args.num_prompts % world_size == 0,
+        f"--num-prompts {args.num_prompts}: must be divisible by the number of processes ({world_size})",
+    )
+    batch = args.num_prompts // world_size * args.k  # GFPO: only the retained completions are trained on
     check(
         args.num_minibatches >= 1 and batch % args.num_minibatches == 0,
         f"--num-minibatches {args.num_minibatches}: must divide the {batch} retained completions"
-        f" (--num-prompts x --k)",
+        f" (--num-prompts x --k / processes)",
     )
     minibatch = batch // args.num_minibatches
     micro = args.micro_batch_size or minibatch
@@ -194,6 +200,11 @@ def validate_args(args: Args):
         f"--micro-batch-size {args.micro_batch_size}: must divide the minibatch of {minibatch} completions",
     )
     check(args.eval_every >= 0 and args.save_every >= 0, "--eval-every and --save-every must be 0 or more")
+    check(
+        not (args.adaptive_k and world_size > 1),
+        "--adaptive-k: one process only (the retained rows would differ between processes, whose FSDP passes"
+        " must match)",
+    )
     check(args.keep_last >= 0, f"--keep-last {args.keep_last}: must be 0 (keep all) or more")
     check(args.max_skipped >= 1, f"--max-skipped {args.max_skipped}: must be at least 1")
 
@@ -301,7 +312,9 @@ def accumulate_gradients(model, rollout, old_logp, ref_logp, advantages, minibat
     The accumulated gradient equals that of the whole minibatch at once: the token-mean's denominator is
     the minibatch's token count, so each micro-batch's loss is its share of the sum and needs no weight.
     """
-    num_tokens = rollout.completion_mask[minibatch].sum()
+    # the token-mean's denominator: this minibatch's token count, averaged over the processes under torchrun,
+    # where FSDP averages the gradients: the gradient is then that of the global minibatch's token-mean
+    num_tokens = common.all_reduce(rollout.completion_mask[minibatch].sum(), "mean")
     metrics = []
     for micro in minibatch.split(micro_batch_size):
         logp, entropy = common.completion_logprobs(
@@ -321,21 +334,27 @@ def accumulate_gradients(model, rollout, old_logp, ref_logp, advantages, minibat
 
 def main(args: Args):
     args = resolve_args(args)
-    validate_args(args)
-    common.seed_everything(args.seed)
+    validate_args(args, common.world_size())
     device = common.get_device(args.device)
+    # torchrun: join the process group (common.init_distributed); every process samples its own completions,
+    # all of them take part in evaluating and saving, and only rank 0 prints and logs
+    rank = common.init_distributed(device)
+    common.seed_everything(args.seed + rank)
+    track = args.track and rank == 0
     print("resolved arguments: " + ", ".join(f"{k}={v}" for k, v in asdict(args).items()))
 
     tokenizer = common.load_tokenizer(args.model)
     task = common.load_task(args.task)
     model = common.load_model(args.model, device, args.gradient_checkpointing)
     ref_model = common.load_reference(model) if args.beta > 0 else None
+    # torchrun: FSDP2 shards every model over the processes (common.shard_model); one process: unchanged
+    model, ref_model = common.shard_model(model), common.shard_model(ref_model)
     eos_ids = common.eos_token_ids(model, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     prompts = common.PromptStream(task.train, args.seed)
     # what a checkpoint saves and --resume restores
     models, optimizers = {"policy": model}, {"policy": optimizer}
-    if args.track:
+    if track:
         import wandb
 
         wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.exp_name, config=asdict(args))
@@ -343,7 +362,7 @@ def main(args: Args):
     def run_eval(step):
         accuracy, samples = common.evaluate(model, tokenizer, task, args.max_new_tokens, eos_ids)
         tqdm.write(f"step {step}: held-out greedy accuracy {accuracy:.3f} ({len(task.eval)} prompts)")
-        if args.track:
+        if track:
             table = wandb.Table(columns=["prompt", "completion", "reward"], data=[list(s) for s in samples[:8]])
             wandb.log({"eval/accuracy": accuracy, "eval/samples": table}, step=step)
         return accuracy
@@ -366,8 +385,9 @@ def main(args: Args):
             start_step < args.num_steps, f"--num-steps {args.num_steps}: the checkpoint is already at step {start_step}"
         )
     start_accuracy = run_eval(start_step)
-    batch_size = args.num_prompts * args.group_size
-    minibatch_size = args.num_prompts * args.k // args.num_minibatches  # GFPO: minibatches of retained rows
+    num_prompts = args.num_prompts // common.world_size()  # this process's share of each rollout batch
+    batch_size = num_prompts * args.group_size
+    minibatch_size = num_prompts * args.k // args.num_minibatches  # GFPO: minibatches of retained rows
     micro_batch_size = args.micro_batch_size or minibatch_size
     start_time = time.time()
     for step in tqdm(
@@ -376,7 +396,7 @@ def main(args: Args):
     ):
         # 1. Rollout: G completions per prompt, contiguous
         t0 = time.time()
-        rows = prompts.next(args.num_prompts)
+        rows = prompts.next(args.num_prompts)[rank * num_prompts : (rank + 1) * num_prompts]
         texts = [common.format_prompt(tokenizer, r["prompt"], task.use_chat_template) for r in rows]
         rollout = common.generate(
             model, tokenizer, texts, args.group_size, args.max_new_tokens, args.temperature, eos_ids
@@ -387,7 +407,7 @@ def main(args: Args):
         # 2. Score, retain k of G per prompt (GFPO Algorithms 1-2), advantages over the retained set
         t0 = time.time()
         rewards = common.score(task, completions, rows, args.group_size).to(device)
-        k = torch.full((args.num_prompts,), args.k, device=device)
+        k = torch.full((num_prompts,), args.k, device=device)
         if args.adaptive_k:  # Algorithm 2: difficulty = mean reward of a prompt's G completions
             difficulty = rewards.view(-1, args.group_size).mean(dim=1)
             history = torch.cat([history, difficulty[difficulty.isfinite()]])  # a NaN reward must not poison it
@@ -451,7 +471,7 @@ def main(args: Args):
             "gfpo/retained_mean_length": rollout.lengths.float().mean(),
             "gfpo/all_mean_length": sampled.lengths.float().mean(),
         })
-        logged = {k: float(v) for k, v in logged.items()}
+        logged = {k: float(v) for k, v in common.mean_over_processes(logged).items()}
         logged.update({
             "optim/lr": optimizer.param_groups[0]["lr"],
             "optim/skipped_steps": skipped_steps,  # optimizer steps skipped so far
@@ -465,7 +485,7 @@ def main(args: Args):
             f"  grad {logged['optim/grad_norm']:.3f}  {logged['perf/tokens_per_sec']:.0f} tok/s"
             f"  k {logged['gfpo/retained_k']:.2f}"  # GFPO: mean retained k
         )
-        if args.track:
+        if track:
             wandb.log(logged, step=step)
         common.append_metrics(args.save_dir, step, logged)
         if step_skipped:
@@ -486,8 +506,9 @@ def main(args: Args):
           f" ({time.time() - start_time:.0f}s of training)")
     if args.save_dir and not (args.save_every and args.num_steps % args.save_every == 0):  # else saved already
         save(args.num_steps)
-    if args.track:
+    if track:
         wandb.finish()
+    common.finish_distributed()
 
 
 if __name__ == "__main__":

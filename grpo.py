@@ -46,7 +46,7 @@ class Args:
     num_steps: Optional[int] = None
     """rollout batches to train on (default: from the preset)"""
     num_prompts: int = 16
-    """prompts per rollout batch"""
+    """prompts per rollout batch, over all processes under torchrun"""
     group_size: int = 16
     """completions sampled per prompt (G)"""
     max_new_tokens: Optional[int] = None
@@ -66,7 +66,8 @@ class Args:
     num_minibatches: int = 1
     """optimizer steps per pass (the rollout batch is shuffled and split)"""
     micro_batch_size: Optional[int] = None
-    """rows per forward/backward (gradient accumulation); default: from the preset, else the whole minibatch"""
+    """rows per forward/backward on each process (gradient accumulation); default: from the preset, else the
+    whole minibatch"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm"""
     weight_decay: float = 0.0
@@ -119,7 +120,8 @@ def resolve_args(args: Args) -> Args:
     return args
 
 
-def validate_args(args: Args):
+def validate_args(args: Args, world_size: int = 1):
+    """Every flag in range; under torchrun the batch is split over `world_size` processes."""
     check = common.check
     check(args.group_size >= 2, f"--group-size {args.group_size}: must be at least 2 (advantages compare a group)")
     check(args.num_prompts >= 1, f"--num-prompts {args.num_prompts}: must be at least 1")
@@ -133,11 +135,15 @@ def validate_args(args: Args):
     check(args.max_grad_norm > 0, f"--max-grad-norm {args.max_grad_norm}: must be positive")
     check(args.update_epochs >= 1, f"--update-epochs {args.update_epochs}: must be at least 1")
     check(args.logprob_chunk_size >= 1, f"--logprob-chunk-size {args.logprob_chunk_size}: must be at least 1")
-    batch = args.num_prompts * args.group_size
+    check(
+        args.num_prompts % world_size == 0,
+        f"--num-prompts {args.num_prompts}: must be divisible by the number of processes ({world_size})",
+    )
+    batch = args.num_prompts // world_size * args.group_size
     check(
         args.num_minibatches >= 1 and batch % args.num_minibatches == 0,
         f"--num-minibatches {args.num_minibatches}: must divide the rollout batch of {batch} completions"
-        f" (--num-prompts x --group-size)",
+        f" (--num-prompts x --group-size / processes)",
     )
     minibatch = batch // args.num_minibatches
     micro = args.micro_batch_size or minibatch
@@ -224,21 +230,27 @@ def accumulate_gradients(model, rollout, old_logp, ref_logp, advantages, minibat
 
 def main(args: Args):
     args = resolve_args(args)
-    validate_args(args)
-    common.seed_everything(args.seed)
+    validate_args(args, common.world_size())
     device = common.get_device(args.device)
+    # torchrun: join the process group (common.init_distributed); every process samples its own completions,
+    # all of them take part in evaluating and saving, and only rank 0 prints and logs
+    rank = common.init_distributed(device)
+    common.seed_everything(args.seed + rank)
+    track = args.track and rank == 0
     print("resolved arguments: " + ", ".join(f"{k}={v}" for k, v in asdict(args).items()))
 
     tokenizer = common.load_tokenizer(args.model)
     task = common.load_task(args.task)
     model = common.load_model(args.model, device, args.gradient_checkpointing)
     ref_model = common.load_reference(model) if args.beta > 0 else None
+    # torchrun: FSDP2 shards every model over the processes (common.shard_model); one process: unchanged
+    model, ref_model = common.shard_model(model), common.shard_model(ref_model)
     eos_ids = common.eos_token_ids(model, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     prompts = common.PromptStream(task.train, args.seed)
     # what a checkpoint saves and --resume restores
     models, optimizers = {"policy": model}, {"policy": optimizer}
-    if args.track:
+    if track:
         import wandb
 
         wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.exp_name, config=asdict(args))
@@ -246,7 +258,7 @@ def main(args: Args):
     def run_eval(step):
         accuracy, samples = common.evaluate(model, tokenizer, task, args.max_new_tokens, eos_ids)
         tqdm.write(f"step {step}: held-out greedy accuracy {accuracy:.3f} ({len(task.eval)} prompts)")
-        if args.track:
+        if track:
             table = wandb.Table(columns=["prompt", "completion", "reward"], data=[list(s) for s in samples[:8]])
             wandb.log({"eval/accuracy": accuracy, "eval/samples": table}, step=step)
         return accuracy
@@ -267,7 +279,8 @@ def main(args: Args):
             start_step < args.num_steps, f"--num-steps {args.num_steps}: the checkpoint is already at step {start_step}"
         )
     start_accuracy = run_eval(start_step)
-    batch_size = args.num_prompts * args.group_size
+    num_prompts = args.num_prompts // common.world_size()  # this process's share of each rollout batch
+    batch_size = num_prompts * args.group_size
     minibatch_size = batch_size // args.num_minibatches
     micro_batch_size = args.micro_batch_size or minibatch_size
     start_time = time.time()
@@ -277,7 +290,7 @@ def main(args: Args):
     ):
         # 1. Rollout: G completions per prompt, contiguous
         t0 = time.time()
-        rows = prompts.next(args.num_prompts)
+        rows = prompts.next(args.num_prompts)[rank * num_prompts : (rank + 1) * num_prompts]
         texts = [common.format_prompt(tokenizer, r["prompt"], task.use_chat_template) for r in rows]
         rollout = common.generate(
             model, tokenizer, texts, args.group_size, args.max_new_tokens, args.temperature, eos_ids
@@ -336,7 +349,7 @@ def main(args: Args):
             "optim/grad_norm": grad_norm,
             "groups/zero_std_frac": (rewards.view(-1, args.group_size).std(dim=1) == 0).float().mean(),
         })
-        logged = {k: float(v) for k, v in logged.items()}
+        logged = {k: float(v) for k, v in common.mean_over_processes(logged).items()}
         logged.update({
             "optim/lr": optimizer.param_groups[0]["lr"],
             "optim/skipped_steps": skipped_steps,  # optimizer steps skipped so far
@@ -349,7 +362,7 @@ def main(args: Args):
             f"  kl {logged.get('loss/kl', 0.0):.4f}  len {logged['completion/mean_length']:.1f}"
             f"  grad {logged['optim/grad_norm']:.3f}  {logged['perf/tokens_per_sec']:.0f} tok/s"
         )
-        if args.track:
+        if track:
             wandb.log(logged, step=step)
         common.append_metrics(args.save_dir, step, logged)
         if step_skipped:
@@ -370,8 +383,9 @@ def main(args: Args):
           f" ({time.time() - start_time:.0f}s of training)")
     if args.save_dir and not (args.save_every and args.num_steps % args.save_every == 0):  # else saved already
         save(args.num_steps)
-    if args.track:
+    if track:
         wandb.finish()
+    common.finish_distributed()
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ class Args:
     num_steps: Optional[int] = None
     """rollout batches to train on (default: from the preset)"""
     num_prompts: Optional[int] = None
-    """prompts per rollout batch (default: from the preset)"""
+    """prompts per rollout batch, over all processes under torchrun (default: from the preset)"""
     samples_per_prompt: int = 1
     """completions sampled per prompt"""
     max_new_tokens: Optional[int] = None
@@ -110,7 +110,8 @@ class Args:
     num_minibatches: int = 1
     """optimizer steps per pass (the rollout batch is shuffled and split)"""
     micro_batch_size: Optional[int] = None
-    """rows per forward/backward (gradient accumulation); default: from the preset, else the whole minibatch"""
+    """rows per forward/backward on each process (gradient accumulation); default: from the preset, else the
+    whole minibatch"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm, for the policy and the critic each"""
     weight_decay: float = 0.0
@@ -166,7 +167,8 @@ def resolve_args(args: Args) -> Args:
     return args
 
 
-def validate_args(args: Args):
+def validate_args(args: Args, world_size: int = 1):
+    """Every flag in range; under torchrun the batch is split over `world_size` processes."""
     check = common.check
     check(args.samples_per_prompt >= 1, f"--samples-per-prompt {args.samples_per_prompt}: must be at least 1")
     check(args.num_prompts >= 1, f"--num-prompts {args.num_prompts}: must be at least 1")
@@ -189,11 +191,15 @@ def validate_args(args: Args):
     check(args.max_grad_norm > 0, f"--max-grad-norm {args.max_grad_norm}: must be positive")
     check(args.update_epochs >= 1, f"--update-epochs {args.update_epochs}: must be at least 1")
     check(args.logprob_chunk_size >= 1, f"--logprob-chunk-size {args.logprob_chunk_size}: must be at least 1")
-    batch = args.num_prompts * args.samples_per_prompt
+    check(
+        args.num_prompts % world_size == 0,
+        f"--num-prompts {args.num_prompts}: must be divisible by the number of processes ({world_size})",
+    )
+    batch = args.num_prompts // world_size * args.samples_per_prompt
     check(
         args.num_minibatches >= 1 and batch % args.num_minibatches == 0,
         f"--num-minibatches {args.num_minibatches}: must divide the rollout batch of {batch} completions"
-        f" (--num-prompts x --samples-per-prompt)",
+        f" (--num-prompts x --samples-per-prompt / processes)",
     )
     minibatch = batch // args.num_minibatches
     micro = args.micro_batch_size or minibatch
@@ -354,7 +360,9 @@ def accumulate_gradients(
     every micro-batch divides its token sum by the token count of the whole minibatch.
     """
     metrics = []
-    num_tokens = rollout.completion_mask[minibatch].sum().clamp(min=1)
+    # the token-mean's denominator: this minibatch's token count, averaged over the processes under torchrun,
+    # where FSDP averages the gradients: the gradient is then that of the global minibatch's token-mean
+    num_tokens = common.all_reduce(rollout.completion_mask[minibatch].sum(), "mean").clamp(min=1)
     for micro in minibatch.split(micro_batch_size):
         logp, entropy = common.completion_logprobs(
             model, rollout.input_ids[micro], rollout.attention_mask[micro], rollout.prompt_len,
@@ -380,9 +388,13 @@ def accumulate_gradients(
 
 def main(args: Args):
     args = resolve_args(args)
-    validate_args(args)
-    common.seed_everything(args.seed)
+    validate_args(args, common.world_size())
     device = common.get_device(args.device)
+    # torchrun: join the process group (common.init_distributed); every process samples its own completions,
+    # all of them take part in evaluating and saving, and only rank 0 prints and logs
+    rank = common.init_distributed(device)
+    common.seed_everything(args.seed + rank)
+    track = args.track and rank == 0
     print("resolved arguments: " + ", ".join(f"{k}={v}" for k, v in asdict(args).items()))
 
     tokenizer = common.load_tokenizer(args.model)
@@ -391,6 +403,8 @@ def main(args: Args):
     # the critic (InstructGPT section 3.5): the initial policy's backbone with a fresh scalar head, own optimizer
     critic = common.load_critic(args.model, device, args.gradient_checkpointing)
     ref_model = common.load_reference(model) if args.beta > 0 else None
+    # torchrun: FSDP2 shards every model over the processes (common.shard_model); one process: unchanged
+    model, critic, ref_model = common.shard_model(model), common.shard_model(critic), common.shard_model(ref_model)
     eos_ids = common.eos_token_ids(model, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     critic_optimizer = torch.optim.AdamW(
@@ -399,7 +413,7 @@ def main(args: Args):
     prompts = common.PromptStream(task.train, args.seed)
     # what a checkpoint saves and --resume restores
     models, optimizers = {"policy": model, "critic": critic}, {"policy": optimizer, "critic": critic_optimizer}
-    if args.track:
+    if track:
         import wandb
 
         wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.exp_name, config=asdict(args))
@@ -407,7 +421,7 @@ def main(args: Args):
     def run_eval(step):
         accuracy, samples = common.evaluate(model, tokenizer, task, args.max_new_tokens, eos_ids)
         tqdm.write(f"step {step}: held-out greedy accuracy {accuracy:.3f} ({len(task.eval)} prompts)")
-        if args.track:
+        if track:
             table = wandb.Table(columns=["prompt", "completion", "reward"], data=[list(s) for s in samples[:8]])
             wandb.log({"eval/accuracy": accuracy, "eval/samples": table}, step=step)
         return accuracy
@@ -428,7 +442,8 @@ def main(args: Args):
             start_step < args.num_steps, f"--num-steps {args.num_steps}: the checkpoint is already at step {start_step}"
         )
     start_accuracy = run_eval(start_step)
-    batch_size = args.num_prompts * args.samples_per_prompt
+    num_prompts = args.num_prompts // common.world_size()  # this process's share of each rollout batch
+    batch_size = num_prompts * args.samples_per_prompt
     minibatch_size = batch_size // args.num_minibatches
     micro_batch_size = args.micro_batch_size or minibatch_size
     start_time = time.time()
@@ -438,7 +453,7 @@ def main(args: Args):
     ):
         # 1. Rollout: samples_per_prompt completions per prompt, contiguous
         t0 = time.time()
-        rows = prompts.next(args.num_prompts)
+        rows = prompts.next(args.num_prompts)[rank * num_prompts : (rank + 1) * num_prompts]
         texts = [common.format_prompt(tokenizer, r["prompt"], task.use_chat_template) for r in rows]
         rollout = common.generate(
             model, tokenizer, texts, args.samples_per_prompt, args.max_new_tokens, args.temperature, eos_ids
@@ -518,7 +533,7 @@ def main(args: Args):
             logged["loss/kl"] = ((old_logp - ref_logp) * mask).sum() / tokens
         if args.samples_per_prompt > 1:  # a group of one has no spread
             logged["groups/zero_std_frac"] = (rewards.view(-1, args.samples_per_prompt).std(dim=1) == 0).float().mean()
-        logged = {k: float(v) for k, v in logged.items()}
+        logged = {k: float(v) for k, v in common.mean_over_processes(logged).items()}
         logged.update({
             "optim/lr": optimizer.param_groups[0]["lr"],
             "optim/skipped_steps": skipped_steps,  # optimizer steps skipped so far
@@ -532,7 +547,7 @@ def main(args: Args):
             f"  kl {logged.get('loss/kl', 0.0):.4f}  len {logged['completion/mean_length']:.1f}"
             f"  grad {logged['optim/grad_norm']:.3f}  {logged['perf/tokens_per_sec']:.0f} tok/s"
         )
-        if args.track:
+        if track:
             wandb.log(logged, step=step)
         common.append_metrics(args.save_dir, step, logged)
         if step_skipped:
@@ -553,8 +568,9 @@ def main(args: Args):
           f" ({time.time() - start_time:.0f}s of training)")
     if args.save_dir and not (args.save_every and args.num_steps % args.save_every == 0):  # else saved already
         save(args.num_steps)
-    if args.track:
+    if track:
         wandb.finish()
+    common.finish_distributed()
 
 
 if __name__ == "__main__":

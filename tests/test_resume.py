@@ -137,7 +137,9 @@ def test_non_finite_weights_are_never_saved(tiny, tmp_path):
     optimizer = torch.optim.AdamW(broken.parameters())
     prompts = common.PromptStream([{"prompt": "1+1=", "answer": 2}], 0)
     with pytest.raises(common.UserError, match="not saving step 7: the weights hold NaN or inf"):
-        common.save_training_state(tmp_path, 7, "grpo.py", tokenizer, {"policy": broken}, {"policy": optimizer}, prompts)
+        common.save_training_state(
+            tmp_path, 7, "grpo.py", tokenizer, {"policy": broken}, {"policy": optimizer}, prompts
+        )
     assert not any(tmp_path.iterdir())
 
 
@@ -191,7 +193,8 @@ def test_bad_checkpoints_are_user_errors(resume, script, names, tmp_path, grpo_c
 
 def test_resume_at_the_last_step_is_a_user_error(tmp_path, grpo_checkpoint):
     # check_bad_input runs 1 step, and the checkpoint is at step 1
-    check_bad_input("grpo.py", ["--resume", str(grpo_checkpoint), "--save-dir", str(tmp_path)], "--num-steps 1", tmp_path)
+    flags = ["--resume", str(grpo_checkpoint), "--save-dir", str(tmp_path)]
+    check_bad_input("grpo.py", flags, "--num-steps 1", tmp_path)
 
 
 def test_a_bad_resume_path_is_one_line_and_exit_2(tmp_path):
