@@ -454,6 +454,7 @@ class Rollout:
     completion_mask: torch.Tensor  # (B, T) float, 1 up to and including the first EOS
     lengths: torch.Tensor  # (B,) long, tokens per completion (EOS counted)
     truncated: torch.Tensor  # (B,) bool, no EOS within max_new_tokens
+    entropy: torch.Tensor  # (B, T) entropy of each token's sampling distribution (0 past the completion)
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]):
@@ -480,6 +481,7 @@ def format_prompt(tokenizer, prompt: str, use_chat_template: bool) -> str:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def generate(
     model,
     tokenizer,
@@ -490,42 +492,56 @@ def generate(
     eos_ids: list[int],
     greedy: bool = False,
 ) -> Rollout:
-    """Sample `group_size` completions per prompt, each prompt's completions contiguous (row i*G + j)."""
-    from transformers import GenerationConfig
+    """Sample `group_size` completions per prompt, each prompt's completions contiguous (row i*G + j).
 
+    A plain decoding loop over the model's KV cache. Each token is an exact sample of softmax(logits / T)
+    (Gumbel-max), with no top-k, top-p or repetition penalty from the model's generation config: the
+    log-probs computed later are those of the distribution that sampled. `greedy` takes the argmax. After
+    its EOS a row gets pad tokens; the loop stops once every row has ended (under torchrun, every process's).
+    The entropy of each sampling distribution is recorded for the `policy/entropy` metric.
+    """
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     input_ids = enc.input_ids.repeat_interleave(group_size, dim=0)
     attention_mask = enc.attention_mask.repeat_interleave(group_size, dim=0)
-    # Plain sampling at `temperature`. Every other knob is set to its neutral value explicitly: values left
-    # unset are taken from the model's own generation config (Qwen ships top_k 20, top_p 0.8, a repetition
-    # penalty), and the log-probs assume the sampling distribution is exactly softmax(logits / temperature).
-    neutral = dict(repetition_penalty=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
-                   pad_token_id=tokenizer.pad_token_id, use_cache=True)
-    if greedy:
-        config = GenerationConfig(do_sample=False, **neutral)
-    else:
-        config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=0.0,
-                                  typical_p=1.0, **neutral)
+    B, P = input_ids.shape
+    completion_ids = input_ids.new_full((B, max_new_tokens), tokenizer.pad_token_id)
+    entropy = torch.zeros(B, max_new_tokens, device=device)
+    eos = torch.tensor(eos_ids, device=device)
+    ended = torch.zeros(B, dtype=torch.bool, device=device)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding does not shift positions
+    step_ids, step_mask, cache = input_ids, attention_mask, None
     was_training = model.training
     model.eval()
     with autocast(device):
-        # synced_gpus: under torchrun a process whose rows have all ended keeps stepping (its forward passes take
-        # part in FSDP's all-gathers) until every process is done
-        out = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-            synced_gpus=world_size() > 1,
-        )
+        for t in range(max_new_tokens):
+            out = model(
+                input_ids=step_ids, attention_mask=step_mask, position_ids=position_ids, past_key_values=cache,
+                use_cache=True, logits_to_keep=1,
+            )
+            cache, logits = out.past_key_values, out.logits[:, -1].float()
+            if greedy:
+                token = logits.argmax(dim=-1)
+            else:
+                log_probs = torch.log_softmax(logits / temperature, dim=-1)
+                entropy[:, t] = -(log_probs.exp() * log_probs).sum(dim=-1)
+                # Gumbel-max: argmax(log p - log E), E ~ Exp(1), is an exact sample of p
+                token = (log_probs - torch.empty_like(log_probs).exponential_().log()).argmax(dim=-1)
+            token = token.masked_fill(ended, tokenizer.pad_token_id)
+            completion_ids[:, t] = token
+            ended |= torch.isin(token, eos)
+            # one host sync per token to know whether to stop (every process must run as many forward passes)
+            if min_over_processes(int(ended.all()), device):
+                break
+            step_ids = token[:, None]
+            step_mask = torch.cat([step_mask, step_mask.new_ones(B, 1)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
     model.train(was_training)
-    P = input_ids.shape[1]
-    completion_ids = out[:, P:]
-    T = completion_ids.shape[1]
-    if T < max_new_tokens:  # generate stops early when every row has finished: pad to a fixed width
-        completion_ids = F.pad(completion_ids, (0, max_new_tokens - T), value=tokenizer.pad_token_id)
+    del cache  # the KV cache is freed before any training pass
     mask, lengths, truncated = completion_mask(completion_ids, eos_ids)
     full_ids = torch.cat([input_ids, completion_ids], dim=1)
     full_attention = torch.cat([attention_mask, torch.ones_like(completion_ids)], dim=1)
-    return Rollout(full_ids, full_attention, P, completion_ids, mask, lengths, truncated)
+    return Rollout(full_ids, full_attention, P, completion_ids, mask, lengths, truncated, entropy * mask)
 
 
 def _token_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
@@ -545,13 +561,14 @@ def completion_logprobs(
     attention_mask: torch.Tensor,
     prompt_len: int,
     temperature: float,
-    chunk_size: int = 1024,
+    chunk_size: Optional[int] = None,
     with_entropy: bool = False,
 ):
     """Log-prob of every completion token under `model` at the sampling temperature, shape (B, T).
 
     The backbone runs once; the vocabulary projection runs over completion positions only, `chunk_size`
-    tokens at a time, so the (B, T, vocab) float32 logits never exist at once. With gradients on, each
+    tokens at a time (default: 2^25 logits' worth, 128 MB in fp32), so the (B, T, vocab) float32 logits never
+    exist at once. With gradients on, each
     chunk is recomputed in the backward pass (activation checkpointing) instead of keeping its logits.
     With `with_entropy`, also returns the entropy of softmax(logits / temperature) per token, computed
     from the same logits (and carrying gradient when gradients are on); otherwise None.
@@ -576,6 +593,7 @@ def _completion_logprobs(model, input_ids, attention_mask, prompt_len, temperatu
     flat_hidden = hidden.reshape(B * T, H)
     targets = input_ids[:, prompt_len:].reshape(B * T)
     lm_head = model.get_output_embeddings()
+    chunk_size = chunk_size or max(1, 2**25 // lm_head.weight.shape[0])
     logps, entropies = [], []
     for start in range(0, B * T, chunk_size):
         h, y = flat_hidden[start : start + chunk_size], targets[start : start + chunk_size]

@@ -74,8 +74,9 @@ class Args:
     """AdamW weight decay"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
-    logprob_chunk_size: int = 1024
-    """completion tokens projected onto the vocabulary at a time"""
+    logprob_chunk_size: Optional[int] = None
+    """completion tokens projected onto the vocabulary at a time (default: as many as make 2^25 logits, 128 MB
+    in fp32)"""
     eval_every: Optional[int] = None
     """evaluate greedy held-out accuracy every N steps (default: from the preset); it always runs at the start
     and the end; 0: only there"""
@@ -134,7 +135,10 @@ def validate_args(args: Args, world_size: int = 1):
     check(args.adv_eps >= 0, f"--adv-eps {args.adv_eps}: must be 0 or more")
     check(args.max_grad_norm > 0, f"--max-grad-norm {args.max_grad_norm}: must be positive")
     check(args.update_epochs >= 1, f"--update-epochs {args.update_epochs}: must be at least 1")
-    check(args.logprob_chunk_size >= 1, f"--logprob-chunk-size {args.logprob_chunk_size}: must be at least 1")
+    check(
+        args.logprob_chunk_size is None or args.logprob_chunk_size >= 1,
+        f"--logprob-chunk-size {args.logprob_chunk_size}: must be at least 1",
+    )
     check(
         args.num_prompts % world_size == 0,
         f"--num-prompts {args.num_prompts}: must be divisible by the number of processes ({world_size})",
@@ -219,8 +223,9 @@ def accumulate_gradients(model, rollout, old_logp, ref_logp, advantages, minibat
             model, rollout.input_ids[micro], rollout.attention_mask[micro], rollout.prompt_len,
             args.temperature, args.logprob_chunk_size,
         )
+        old_logp_micro = logp.detach() if old_logp is None else old_logp[micro]  # None: on-policy (main, step 3)
         loss, micro_metrics = compute_policy_loss(
-            logp, old_logp[micro], None if ref_logp is None else ref_logp[micro], advantages[micro],
+            logp, old_logp_micro, None if ref_logp is None else ref_logp[micro], advantages[micro],
             rollout.completion_mask[micro], args.clip_eps, args.beta,
         )
         (loss * len(micro) / len(minibatch)).backward()
@@ -246,7 +251,10 @@ def main(args: Args):
     # torchrun: FSDP2 shards every model over the processes (common.shard_model); one process: unchanged
     model, ref_model = common.shard_model(model), common.shard_model(ref_model)
     eos_ids = common.eos_token_ids(model, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    # fused: one kernel over all parameters (the default per-parameter loop is several times slower on the CPU)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True
+    )
     prompts = common.PromptStream(task.train, args.seed)
     # what a checkpoint saves and --resume restores
     models, optimizers = {"policy": model}, {"policy": optimizer}
@@ -304,12 +312,16 @@ def main(args: Args):
         advantages = compute_advantages(rewards, args.group_size, args.adv_eps)
         mask = rollout.completion_mask
 
-        # 3. Log-probs of the sampling policy (old) and of the reference, once per rollout batch
+        # 3. Log-probs of the sampling policy (old) and of the reference, once per rollout batch.
+        # With one epoch and one minibatch the policy is still the sampling one when the loss is computed: the
+        # old log-probs are then the update's own, detached (ratio exactly 1), and their pass is skipped
         with torch.no_grad():
-            old_logp, entropy = common.completion_logprobs(
-                model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, args.temperature,
-                args.logprob_chunk_size, with_entropy=True,
-            )
+            old_logp = None
+            if args.update_epochs > 1 or args.num_minibatches > 1:
+                old_logp, _ = common.completion_logprobs(
+                    model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, args.temperature,
+                    args.logprob_chunk_size,
+                )
             ref_logp = None
             if ref_model is not None:
                 ref_logp, _ = common.completion_logprobs(
@@ -345,7 +357,7 @@ def main(args: Args):
             "reward/std": rewards.std(),
             "completion/mean_length": rollout.lengths.float().mean(),
             "completion/truncated_frac": rollout.truncated.float().mean(),
-            "policy/entropy": (entropy * mask).sum() / tokens,
+            "policy/entropy": (rollout.entropy * mask).sum() / tokens,
             "optim/grad_norm": grad_norm,
             "groups/zero_std_frac": (rewards.view(-1, args.group_size).std(dim=1) == 0).float().mean(),
         })

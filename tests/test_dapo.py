@@ -125,7 +125,10 @@ def hand_rollout(input_ids, attention_mask, prompt_len, truncated):
     completion_ids = input_ids[:, prompt_len:]
     mask = torch.ones(completion_ids.shape)
     lengths = torch.full((len(input_ids),), completion_ids.shape[1])
-    return common.Rollout(input_ids, attention_mask, prompt_len, completion_ids, mask, lengths, torch.tensor(truncated))
+    entropy = completion_ids.float() / 10  # any per-token values, to see them follow their rows
+    return common.Rollout(
+        input_ids, attention_mask, prompt_len, completion_ids, mask, lengths, torch.tensor(truncated), entropy
+    )
 
 
 def test_concat_rollouts_left_pads_prompts_to_the_widest_and_take_rows_selects():
@@ -144,6 +147,7 @@ def test_concat_rollouts_left_pads_prompts_to_the_widest_and_take_rows_selects()
     assert picked.prompt_len == 3
     assert picked.input_ids.tolist() == [[3, 4, 5, 8, 9], [99, 5, 6, 7, 8]]
     assert picked.truncated.tolist() == [False, False]
+    torch.testing.assert_close(picked.entropy, torch.tensor([[0.8, 0.9], [0.7, 0.8]]))
 
 
 def test_concat_rollouts_leaves_the_logprobs_unchanged(tiny):

@@ -187,8 +187,8 @@ def test_adaptive_k(difficulty, history, k, min_history, expected):
 
 @pytest.mark.parametrize("k,rows", [(8, 16), (4, 8)])
 def test_filtered_completions_get_no_forward_pass(monkeypatch, k, rows):
-    # 2 prompts x k retained of G = 16: every log-prob pass (old, reference, policy update) sees 2k rows,
-    # never the 32 sampled
+    # 2 prompts x k retained of G = 16: every log-prob pass (reference, policy update; the old one is skipped
+    # on-policy) sees 2k rows, never the 32 sampled
     seen = []
     completion_logprobs = common.completion_logprobs
 
@@ -198,7 +198,7 @@ def test_filtered_completions_get_no_forward_pass(monkeypatch, k, rows):
 
     monkeypatch.setattr(common, "completion_logprobs", spy)
     gfpo.main(gfpo.Args(num_steps=1, num_prompts=2, k=k, eval_every=0))
-    assert seen == [rows, rows, rows]
+    assert seen == [rows, rows]
 
 
 @pytest.mark.parametrize(

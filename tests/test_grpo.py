@@ -162,3 +162,26 @@ def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout):
         lambda m: grpo.accumulate_gradients(model, rollout, old_logp, ref_logp, advantages, minibatch, m, args),
         B, [3, 1],
     )
+
+
+def test_on_policy_shortcut_equals_the_old_logprob_pass(tiny_rollout):
+    # one epoch, one minibatch: main skips the no-grad old log-prob pass and accumulate_gradients uses the
+    # update's own log-probs, detached. Same loss and gradient as with the pass (ratio 1 either way).
+    model, rollout = tiny_rollout
+    args = grpo.resolve_args(grpo.Args(beta=0.04))
+    B = rollout.input_ids.shape[0]
+    with torch.no_grad():
+        old_logp, _ = common.completion_logprobs(
+            model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, 1.0
+        )
+    ref_logp, advantages, minibatch = old_logp - 0.2, torch.randn(B), torch.arange(B)
+
+    def run(old):
+        model.zero_grad()
+        metrics = grpo.accumulate_gradients(model, rollout, old, ref_logp, advantages, minibatch, B, args)
+        return metrics[0]["loss/policy"], torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    (loss_pass, grad_pass), (loss_shortcut, grad_shortcut) = run(old_logp), run(None)
+    torch.testing.assert_close(loss_shortcut, loss_pass)
+    torch.testing.assert_close(grad_shortcut, grad_pass, rtol=1e-5, atol=1e-7)
+    assert grad_pass.abs().sum() > 0

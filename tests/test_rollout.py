@@ -104,3 +104,43 @@ def test_sampling_ignores_the_models_own_top_k_top_p_and_penalty(tiny):
         model.generation_config.update(**shipped)
     # the tiny model is unsure at temperature 1: 64 samples from softmax(logits) are not all the same
     assert len({tuple(row) for row in rollout.completion_ids.tolist()}) > 1
+
+
+def test_greedy_decoding_equals_transformers_generate(tiny):
+    # the plain decoding loop of common.generate against the straightforward computation, transformers' own
+    # greedy generate (left-padded batch, early stop, pads after EOS)
+    from transformers import GenerationConfig
+
+    model, tokenizer, eos = tiny
+    prompts = ["1+2=", "13+45=", "7+8=", "99+1="]
+    ours = common.generate(model, tokenizer, prompts, 1, 6, 1.0, eos, greedy=True).completion_ids
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    config = GenerationConfig(do_sample=False, max_new_tokens=6, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    theirs = model.generate(**enc, generation_config=config)[:, enc.input_ids.shape[1] :]
+    assert torch.equal(ours[:, : theirs.shape[1]], theirs)
+    assert ours[:, theirs.shape[1] :].eq(tokenizer.pad_token_id).all()
+
+
+def test_sampling_frequencies_follow_the_softmax(tiny):
+    # 20000 first tokens after "1+2=" at temperature 0.7 against softmax(logits / 0.7) of a full forward.
+    # Each frequency has standard deviation sqrt(p (1 - p) / n) <= 0.5 / sqrt(20000) = 0.0035; 0.02 is over 5
+    # of them (seeded, so the test is deterministic)
+    model, tokenizer, eos = tiny
+    torch.manual_seed(0)
+    n = 20000
+    first = common.generate(model, tokenizer, ["1+2="], n, 1, 0.7, eos).completion_ids[:, 0]
+    ids = tokenizer(["1+2="], return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        probs = torch.softmax(model(ids).logits[0, -1] / 0.7, dim=-1)
+    frequencies = torch.bincount(first, minlength=probs.numel()).float() / n
+    assert (frequencies - probs).abs().max() < 0.02
+    assert (probs > 0.05).sum() >= 2  # the test compares a spread distribution, not a near-certain token
+
+
+def test_recorded_entropy_is_the_sampling_distributions(tiny):
+    model, tokenizer, eos = tiny
+    torch.manual_seed(1)
+    rollout = common.generate(model, tokenizer, ["1+2=", "13+45="], 3, 5, 0.7, eos)
+    _, full = naive_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, 0.7)
+    expected = -(full.exp() * full).sum(-1) * rollout.completion_mask  # 0 past each completion's end
+    torch.testing.assert_close(rollout.entropy, expected, rtol=1e-4, atol=1e-5)  # KV cache vs full forward
