@@ -101,6 +101,18 @@ def load_model(name: str, device: torch.device, gradient_checkpointing: bool = F
     except (OSError, ValueError) as e:
         raise UserError(f"--model {name}: no model found as a local folder or hub id ({_first_line(e)})")
     model.to(device)
+    return prepare_for_training(model, gradient_checkpointing)
+
+
+def prepare_for_training(model, gradient_checkpointing: bool):
+    """Training mode (transformers' gradient checkpointing is active only then) with every dropout at 0: the
+    log-probs of an update must be those of the policy that sampled (TRL's disable_dropout does the same)."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # attention modules read it as a float
+            module.attention_dropout = 0.0
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -139,10 +151,7 @@ def load_critic(name: str, device: torch.device, gradient_checkpointing: bool = 
     if head.bias is not None:
         torch.nn.init.zeros_(head.bias)
     critic.to(device)
-    if gradient_checkpointing:
-        critic.gradient_checkpointing_enable()
-        critic.config.use_cache = False
-    return critic
+    return prepare_for_training(critic, gradient_checkpointing)
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:

@@ -144,3 +144,28 @@ def test_recorded_entropy_is_the_sampling_distributions(tiny):
     _, full = naive_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, 0.7)
     expected = -(full.exp() * full).sum(-1) * rollout.completion_mask  # 0 past each completion's end
     torch.testing.assert_close(rollout.entropy, expected, rtol=1e-4, atol=1e-5)  # KV cache vs full forward
+
+
+def test_models_train_without_dropout_and_checkpointing_is_active():
+    # a tiny Qwen2 with 50% attention dropout: after common.prepare_for_training two forwards in training mode
+    # agree (no dropout), and gradient checkpointing is on and gives the gradient of the plain backward
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(common.TINY_MODEL, attention_dropout=0.5)
+    torch.manual_seed(0)
+    plain = common.prepare_for_training(AutoModelForCausalLM.from_config(config), gradient_checkpointing=False)
+    checkpointed = common.prepare_for_training(
+        AutoModelForCausalLM.from_config(config).requires_grad_(True), gradient_checkpointing=True
+    )
+    checkpointed.load_state_dict(plain.state_dict())
+    assert plain.training and checkpointed.training and checkpointed.is_gradient_checkpointing
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    torch.testing.assert_close(plain(ids).logits, plain(ids).logits, rtol=0, atol=0)
+    grads = []
+    for model in (plain, checkpointed):
+        model.zero_grad()
+        model(ids).logits.sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+    # from_pretrained returns a model in eval mode, where transformers skips gradient checkpointing
+    assert common.load_model("tiny", torch.device("cpu"), gradient_checkpointing=True).training
