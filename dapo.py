@@ -25,8 +25,9 @@ Project decisions (see ../shared/ALGORITHMS.md):
 - reward/*, completion/* and groups/zero_std_frac describe every completion generated in the step (dropped
   groups included); loss/* and policy/* describe the groups trained on. reward is the task reward plus the
   overlong penalty; dapo/overlong_penalty is the penalty alone.
-- `old_logp` is computed once per rollout batch. With 1 epoch and 1 minibatch the ratio is exactly 1 and
-  clipping is inactive, so both presets take several optimizer steps per rollout batch (`tiny` 4, `paper` 16).
+- `old_logp` is computed once per rollout batch (skipped with 1 epoch and 1 minibatch, where it equals the
+  update's own log-probs, used detached). Then the ratio is exactly 1 and clipping is inactive, so both
+  presets take several optimizer steps per rollout batch (`tiny` 4, `paper` 16).
 - Defaults left as None are resolved from a preset: `tiny` for the embedded model (fast CPU run on the
   arithmetic task) and `paper` for any other model (lr 1e-6, 16 minibatches, GSM8K). They are printed at start.
 """

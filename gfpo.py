@@ -38,9 +38,10 @@ Project decisions (see ../shared/ALGORITHMS.md):
   difficulty equal to a quartile goes to the easier bucket.
 - --metric is a plain string checked in validate_args, so an unknown one gets the one-line error.
 - `completion/mean_length` and `completion/truncated_frac` cover all G sampled completions (what the policy
-  writes); `policy/entropy` covers the retained tokens, the only ones a forward pass runs on.
-- `old_logp` is computed once per rollout batch. With the defaults (1 epoch, 1 minibatch) the ratio is
-  exactly 1 and clipping is inactive. Raise --update-epochs / --num-minibatches to go off-policy.
+  writes); `policy/entropy` covers the retained tokens, the ones trained on.
+- `old_logp` is computed once per rollout batch. With the defaults (1 epoch, 1 minibatch) it equals the
+  update's own log-probs, so that pass is skipped and they are used detached: the ratio is exactly 1 and
+  clipping is inactive. Raise --update-epochs / --num-minibatches to go off-policy.
 - Defaults left as None are resolved from a preset: `tiny` for the embedded model (fast CPU run on the
   arithmetic task) and `paper` for any other model (the paper's beta 0.001; lr 1e-6 and GSM8K as grpo.py).
   They are printed at start.

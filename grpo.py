@@ -7,8 +7,9 @@ plus a k3 KL penalty to the frozen initial policy, averaged per sequence and the
 Project decisions (see ../shared/ALGORITHMS.md):
 - std is the unbiased (N-1) one and eps = 1e-4 is added to it; an all-equal group gets zero advantage.
 - Aggregation is seq-mean-token-mean; the KL term sits inside the same average.
-- `old_logp` is computed once per rollout batch. With the defaults (1 epoch, 1 minibatch) the ratio is
-  exactly 1 and clipping is inactive: the update is the plain policy gradient plus the KL term, as the
+- `old_logp` is computed once per rollout batch. With the defaults (1 epoch, 1 minibatch) it equals the
+  update's own log-probs, so that pass is skipped and they are used detached: the ratio is exactly 1 and
+  clipping is inactive: the update is the plain policy gradient plus the KL term, as the
   paper's "single update per exploration stage". Raise --update-epochs / --num-minibatches to go off-policy.
 - Defaults left as None are resolved from a preset: `tiny` for the embedded model (fast CPU run on the
   arithmetic task) and `paper` for any other model (lr 1e-6, beta 0.04, GSM8K). They are printed at start.
