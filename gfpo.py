@@ -322,11 +322,14 @@ def accumulate_gradients(model, rollout, old_logp, ref_logp, advantages, minibat
     num_tokens = common.all_reduce(rollout.completion_mask[minibatch].sum(), "mean")
     metrics = []
     for micro in minibatch.split(micro_batch_size):
+        # old_logp None: on-policy (main, step 3). The values are then the sampler's own, and the output
+        # projection runs in the backward pass only (common.completion_logprobs); the ratio is exactly 1
+        sampled = None if old_logp is not None else (rollout.logprobs[micro], rollout.entropy[micro])
         logp, entropy = common.completion_logprobs(
             model, rollout.input_ids[micro], rollout.attention_mask[micro], rollout.prompt_len,
-            args.temperature, args.logprob_chunk_size, with_entropy=args.ent_coef > 0,
+            args.temperature, args.logprob_chunk_size, with_entropy=args.ent_coef > 0, values=sampled,
         )
-        old_logp_micro = logp.detach() if old_logp is None else old_logp[micro]  # None: on-policy (main, step 3)
+        old_logp_micro = logp.detach() if old_logp is None else old_logp[micro]
         loss, micro_metrics = compute_policy_loss(
             logp, old_logp_micro, None if ref_logp is None else ref_logp[micro], advantages[micro],
             rollout.completion_mask[micro], args.clip_eps, args.beta, num_tokens,
@@ -433,7 +436,7 @@ def main(args: Args):
 
         # 3. Log-probs of the sampling policy (old) and of the reference, once per rollout batch.
         # With one epoch and one minibatch the policy is still the sampling one when the loss is computed: the
-        # old log-probs are then the update's own, detached (ratio exactly 1), and their pass is skipped
+        # old log-probs are then the sampler's (Rollout.logprobs), and their pass is skipped
         with torch.no_grad():
             old_logp = None
             if args.update_epochs > 1 or args.num_minibatches > 1:
@@ -454,7 +457,6 @@ def main(args: Args):
         for epoch in range(args.update_epochs):
             order = torch.randperm(len(retained), device=device)
             for minibatch in order.tensor_split(args.num_minibatches):  # even split: --adaptive-k varies the rows
-                optimizer.zero_grad(set_to_none=True)
                 minibatch_metrics = accumulate_gradients(
                     model, rollout, old_logp, ref_logp, advantages, minibatch, micro_batch_size, args
                 )
@@ -465,6 +467,8 @@ def main(args: Args):
                     optimizer.step()
                 else:  # a NaN or inf loss or gradient norm: skip this optimizer step
                     step_skipped += 1
+                # freed now, not before the next backward: generation and evaluation do without them
+                optimizer.zero_grad(set_to_none=True)
         skipped_steps += step_skipped
         time_train = time.time() - t0
 

@@ -504,8 +504,6 @@ def main(args: Args):
         for epoch in range(args.update_epochs):
             order = torch.randperm(batch_size, device=device)
             for minibatch in order.split(minibatch_size):
-                optimizer.zero_grad(set_to_none=True)
-                critic_optimizer.zero_grad(set_to_none=True)
                 minibatch_metrics = accumulate_gradients(
                     model, critic, rollout, old_logp, old_values, advantages, returns, minibatch,
                     micro_batch_size, args,
@@ -519,6 +517,9 @@ def main(args: Args):
                     critic_optimizer.step()
                 else:  # a NaN or inf loss or gradient norm: skip this optimizer step
                     step_skipped += 1
+                # freed now, not before the next backward: generation and evaluation do without them
+                optimizer.zero_grad(set_to_none=True)
+                critic_optimizer.zero_grad(set_to_none=True)
         skipped_steps += step_skipped
         time_train = time.time() - t0
 

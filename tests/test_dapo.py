@@ -127,7 +127,8 @@ def hand_rollout(input_ids, attention_mask, prompt_len, truncated):
     lengths = torch.full((len(input_ids),), completion_ids.shape[1])
     entropy = completion_ids.float() / 10  # any per-token values, to see them follow their rows
     return common.Rollout(
-        input_ids, attention_mask, prompt_len, completion_ids, mask, lengths, torch.tensor(truncated), entropy
+        input_ids, attention_mask, prompt_len, completion_ids, mask, lengths, torch.tensor(truncated), entropy,
+        -entropy,
     )
 
 
@@ -148,6 +149,7 @@ def test_concat_rollouts_left_pads_prompts_to_the_widest_and_take_rows_selects()
     assert picked.input_ids.tolist() == [[3, 4, 5, 8, 9], [99, 5, 6, 7, 8]]
     assert picked.truncated.tolist() == [False, False]
     torch.testing.assert_close(picked.entropy, torch.tensor([[0.8, 0.9], [0.7, 0.8]]))
+    torch.testing.assert_close(picked.logprobs, -picked.entropy)
 
 
 def test_concat_rollouts_leaves_the_logprobs_unchanged(tiny):

@@ -54,7 +54,7 @@ def test_chunked_logprobs_equal_full_log_softmax(tiny):
     chunked, entropy = common.completion_logprobs(*args, chunk_size=7, with_entropy=True)
     torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(entropy, expected_entropy, rtol=1e-5, atol=1e-5)
-    # and the gradient through the checkpointed chunks equals the gradient of the naive computation, for the
+    # and the gradient through the recomputed chunks equals the gradient of the naive computation, for the
     # log-probs and for the entropy (PPO's entropy bonus trains through it)
     model.zero_grad()
     chunked_logp, chunked_entropy = common.completion_logprobs(*args, chunk_size=7, with_entropy=True)
@@ -70,16 +70,40 @@ def test_chunked_logprobs_equal_full_log_softmax(tiny):
     assert chunked_logp.requires_grad and chunked_entropy.requires_grad
 
 
-def test_token_entropy_by_hand():
+def test_token_logprobs_entropy_and_gradients_by_hand():
     # a 2-token vocabulary; hidden [1] through weights [0, 2 ln 3] gives logits [0, 2 ln 3], at temperature 2
-    # [0, ln 3]: p = [1/4, 3/4]. Entropy = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.3466 + 0.2158 = 0.5623.
+    # z = [0, ln 3]: p = [1/4, 3/4]. Entropy H = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.3466 + 0.2158 = 0.5623.
     # log p(token 1) = ln 3/4 = -0.2877
-    lm_head = torch.nn.Linear(1, 2, bias=False)
-    with torch.no_grad():
-        lm_head.weight.copy_(torch.tensor([[0.0], [2 * math.log(3)]]))
-    logp, entropy = common._token_logprobs(lm_head, torch.ones(1, 1), torch.tensor([1]), 2.0, True)
+    hidden = torch.ones(1, 1, requires_grad=True)
+    weight = torch.tensor([[0.0], [2 * math.log(3)]], requires_grad=True)
+    logp, entropy = common._TokenLogprobs.apply(hidden, weight, None, torch.tensor([1]), 2.0, 1, True, None, None)
     assert logp.item() == pytest.approx(-0.2877, abs=1e-4)
     assert entropy.item() == pytest.approx(0.5623, abs=1e-4)
+    # d logp / dz = e_1 - p = [-1/4, 1/4]; d / dlogits = that / T = [-1/8, 1/8]
+    # d weight = dlogits^T hidden = [[-1/8], [1/8]]; d hidden = dlogits . weight = 1/8 * 2 ln 3 = 0.2747
+    logp.sum().backward()
+    torch.testing.assert_close(weight.grad, torch.tensor([[-0.125], [0.125]]))
+    assert hidden.grad.item() == pytest.approx(math.log(3) / 4, abs=1e-6)
+    # d H / dz_j = -p_j (log p_j + H): -(1/4)(-1.3863 + 0.5623) = 0.2060 and -(3/4)(-0.2877 + 0.5623) = -0.2060;
+    # / T = [0.1030, -0.1030]; d hidden = -0.1030 * 2 ln 3 = -0.2263
+    hidden.grad, weight.grad = None, None
+    logp, entropy = common._TokenLogprobs.apply(hidden, weight, None, torch.tensor([1]), 2.0, 1, True, None, None)
+    entropy.sum().backward()
+    torch.testing.assert_close(weight.grad, torch.tensor([[0.1030], [-0.1030]]), atol=1e-4, rtol=0)
+    assert hidden.grad.item() == pytest.approx(-0.2263, abs=1e-4)
+
+
+def test_token_logprobs_gradients_pass_gradcheck():
+    # the hand-written backward against finite differences (float64), through every option: 5 tokens in chunks
+    # of 2 (the last one short), a bias, temperature 0.7, gradients into both the log-probs and the entropies
+    generator = torch.Generator().manual_seed(0)
+    hidden, weight, bias = (torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
+                            for shape in [(5, 3), (7, 3), (7,)])
+    targets = torch.tensor([0, 6, 3, 3, 1])
+    with_entropy = lambda h, w, b: common._TokenLogprobs.apply(h, w, b, targets, 0.7, 2, True, None, None)  # noqa: E731
+    assert torch.autograd.gradcheck(with_entropy, (hidden, weight, bias))
+    logp_only = lambda h, w: common._TokenLogprobs.apply(h, w, None, targets, 1.3, 3, False, None, None)  # noqa: E731
+    assert torch.autograd.gradcheck(logp_only, (hidden, weight))
 
 
 def test_left_padding_does_not_change_logprobs(tiny):
