@@ -62,6 +62,25 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def _onednn_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+ONEDNN = _onednn_available()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T. On the CPU in fp32 through oneDNN's matmul (the op torch.compile uses for linear layers),
+    which on this project's AMD machine runs the output projection's shapes at 2-2.5x the rate of the default
+    BLAS path (MKL): same fp32 arithmetic, summed in another order (tests/test_rollout.py compares the two)."""
+    if ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return x @ weight.t()
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------
@@ -109,17 +128,48 @@ def load_model(name: str, device: torch.device, gradient_checkpointing: bool = F
 
 def prepare_for_training(model, gradient_checkpointing: bool):
     """Training mode (transformers' gradient checkpointing is active only then) with every dropout at 0: the
-    log-probs of an update must be those of the policy that sampled (TRL's disable_dropout does the same)."""
+    log-probs of an update must be those of the policy that sampled (TRL's disable_dropout does the same).
+    Every torch.nn.Linear then runs, on the CPU in fp32, through oneDNN's matmul (`linear`); elsewhere as before."""
     model.train()
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):  # attention modules read it as a float
             module.attention_dropout = 0.0
+        if type(module) is torch.nn.Linear:  # on the CPU in fp32, through oneDNN (see `linear`)
+            module.forward = functools.partial(_linear_forward, module)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     return model
+
+
+def _linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if ONEDNN and x.device.type == "cpu" and x.dtype == module.weight.dtype == torch.float32:
+        return _Linear.apply(x, module.weight, module.bias)
+    return F.linear(x, module.weight, module.bias)
+
+
+class _Linear(torch.autograd.Function):
+    """F.linear with its three matmuls (forward, input gradient, weight gradient) through `linear` (oneDNN)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        y = linear(x.reshape(-1, x.shape[-1]), weight)
+        if bias is not None:
+            y += bias
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        g, x = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_x = linear(g, weight.t()).view(grad_y.shape[:-1] + (x.shape[-1],)) if ctx.needs_input_grad[0] else None
+        grad_weight = linear(g.t(), x.t()) if ctx.needs_input_grad[1] else None  # g.T @ x
+        grad_bias = g.sum(dim=0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
 
 
 def load_reference(policy):
@@ -604,25 +654,6 @@ def _compute_dtype(device: torch.device, weight: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
 
 
-def _onednn_available() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-ONEDNN = _onednn_available()
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T. On the CPU in fp32 through oneDNN's matmul (the op torch.compile uses for linear layers),
-    which on this project's AMD machine runs the output projection's shapes at 2-2.5x the rate of the default
-    BLAS path (MKL): same fp32 arithmetic, summed in another order (tests/test_rollout.py compares the two)."""
-    if ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-    return x @ weight.t()
-
-
 def _chunk_logits(hidden, weight, bias, temperature):
     """(hidden @ weight.T + bias) / temperature, in float32 (or wider): a fresh tensor, modified in place after."""
     z = linear(hidden, weight)
@@ -806,6 +837,10 @@ def _completion_logprobs(model, input_ids, attention_mask, prompt_len, temperatu
                          values=None):
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # same positions as `generate` used
     device = input_ids.device
+    targets = input_ids[:, prompt_len:]
+    # position p predicts token p + 1: completion token t is predicted from position P - 1 + t, and the last
+    # position predicts nothing, so the backbone runs without it
+    input_ids, attention_mask, position_ids = input_ids[:, :-1], attention_mask[:, :-1], position_ids[:, :-1]
     lm_head, embeddings = output_layer(model), model.get_input_embeddings()
     tie = None
     if (torch.is_grad_enabled() and lm_head.weight.requires_grad and embeddings.weight is lm_head.weight
@@ -819,13 +854,12 @@ def _completion_logprobs(model, input_ids, attention_mask, prompt_len, temperatu
         hidden = model.base_model(
             **inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
-    # position p predicts token p + 1: completion token t is predicted from position P - 1 + t
-    hidden = hidden[:, prompt_len - 1 : -1]
+    hidden = hidden[:, prompt_len - 1 :]
     B, T, H = hidden.shape
     chunk_size = chunk_size or max(1, 2**25 // lm_head.weight.shape[0])
     with autocast(device):
         out = _TokenLogprobs.apply(
-            hidden.reshape(B * T, H), lm_head.weight, lm_head.bias, input_ids[:, prompt_len:].reshape(B * T),
+            hidden.reshape(B * T, H), lm_head.weight, lm_head.bias, targets.reshape(B * T),
             temperature, chunk_size, with_entropy, values, tie,
         )
     logp, entropy = out if with_entropy else (out, None)

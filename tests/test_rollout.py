@@ -1,5 +1,6 @@
 """Rollout plumbing in common.py: completion masks, left padding, chunked log-probs."""
 
+import functools
 import math
 
 import pytest
@@ -161,13 +162,71 @@ def test_sampling_frequencies_follow_the_softmax(tiny):
     assert (probs > 0.05).sum() >= 2  # the test compares a spread distribution, not a near-certain token
 
 
-def test_recorded_entropy_is_the_sampling_distributions(tiny):
+def test_recorded_entropy_and_logprobs_are_the_sampling_distributions(tiny):
+    # the on-policy update takes these as its values (completion_logprobs(values=...)): they must be a full
+    # forward's, within float tolerance
     model, tokenizer, eos = tiny
     torch.manual_seed(1)
     rollout = common.generate(model, tokenizer, ["1+2=", "13+45="], 3, 5, 0.7, eos)
-    _, full = naive_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, 0.7)
+    logp, full = naive_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, 0.7)
     expected = -(full.exp() * full).sum(-1) * rollout.completion_mask  # 0 past each completion's end
     torch.testing.assert_close(rollout.entropy, expected, rtol=1e-4, atol=1e-5)  # KV cache vs full forward
+    torch.testing.assert_close(rollout.logprobs, logp * rollout.completion_mask, rtol=1e-4, atol=1e-5)
+    assert rollout.completion_mask.sum() > rollout.completion_mask.shape[0]  # tokens past the first, not only EOS
+
+
+@pytest.mark.skipif(not common.ONEDNN, reason="oneDNN is not available in this torch build")
+def test_linear_through_onednn_equals_matmul():
+    # common.linear's oneDNN path against torch's default matmul (MKL here), fp32, with the strided operands
+    # the backward passes use (a transposed weight, a transposed input)
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(37, 64, generator=generator), torch.randn(300, 64, generator=generator)
+    torch.testing.assert_close(common.linear(x, weight), x @ weight.t(), rtol=1e-5, atol=1e-5)
+    grad = torch.randn(37, 300, generator=generator)
+    torch.testing.assert_close(common.linear(grad, weight.t()), grad @ weight, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(common.linear(grad.t(), x.t()), grad.t() @ x, rtol=1e-5, atol=1e-4)
+
+
+def test_linear_layers_by_hand():
+    # prepare_for_training routes nn.Linear through common._Linear (oneDNN on the CPU). x = [1, 2],
+    # W = [[3, 4], [5, 6]], b = [1, 1]: y = [1*3 + 2*4 + 1, 1*5 + 2*6 + 1] = [12, 18]. With dL/dy = [1, 1]:
+    # dx = [1, 1] @ W = [3 + 5, 4 + 6] = [8, 10]; dW = [1, 1]^T [1, 2] = [[1, 2], [1, 2]]; db = [1, 1]
+    layer = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[3.0, 4.0], [5.0, 6.0]]))
+        layer.bias.fill_(1.0)
+    common.prepare_for_training(layer, gradient_checkpointing=False)
+    x = torch.tensor([[[1.0, 2.0]]], requires_grad=True)  # (batch, position, features), as in a model
+    y = layer(x)
+    assert y.tolist() == [[[12.0, 18.0]]]
+    y.sum().backward()
+    assert x.grad.tolist() == [[[8.0, 10.0]]]
+    assert layer.weight.grad.tolist() == [[1.0, 2.0], [1.0, 2.0]] and layer.bias.grad.tolist() == [1.0, 1.0]
+    assert isinstance(layer.forward, functools.partial)  # routed through common._linear_forward
+
+
+def test_tied_embedding_gradient_by_hand():
+    # ids [[1, 0, 1, 2]] with padding id 0, the upstream gradient all ones: row 1 is looked up twice (gradient
+    # [2, 2]), row 2 once ([1, 1]), the padding row 0 gets none. With no log-prob gradient handed over (the
+    # `tie` dict stays empty) that is the whole weight gradient
+    weight = torch.arange(6.0).view(3, 2).requires_grad_()
+    out = common._TiedEmbedding.apply(torch.tensor([[1, 0, 1, 2]]), weight, 0, {})
+    assert out.tolist() == [[[2.0, 3.0], [0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]]
+    out.sum().backward()
+    assert weight.grad.tolist() == [[0.0, 0.0], [2.0, 2.0], [1.0, 1.0]]
+
+
+def test_output_layers_that_change_the_logits_are_refused(tiny):
+    # Gemma 2's softcap (and Cohere's logit scale, Granite's scaling) act after the output layer, which the
+    # log-probs and the sampler here bypass: the model is refused rather than trained on other logits
+    model, _, _ = tiny
+    model.config.final_logit_softcapping = 30.0
+    try:
+        with pytest.raises(common.UserError, match="final_logit_softcapping=30.0"):
+            common.output_layer(model)
+    finally:
+        del model.config.final_logit_softcapping
+    assert common.output_layer(model) is model.get_output_embeddings()
 
 
 def test_models_train_without_dropout_and_checkpointing_is_active():
