@@ -63,7 +63,7 @@ CONFIGS = {
 # grpo.py alone on qwen-shape: (group size, new tokens), 4 prompts each
 SCALING = [(4, 64), (8, 64), (16, 64), (8, 32), (8, 128)]
 # The matmul whose rate sets the floor: (N x 896) @ (896 x 151936), qwen-shape's output projection, for these N
-# (32 = qwen-shape's decode batch; 256 is large enough to reach this machine's peak)
+# (32 = qwen-shape's decode batch; 256 is large enough to reach this machine's peak), with each kernel
 MATMUL_SHAPE = (896, 151936)
 MATMUL_ROWS = [32, 256]
 
@@ -145,8 +145,10 @@ def step_flops(arch: dict, completions: int, prompt_len: int, new_tokens: int) -
     position. Backward costs twice the forward; recomputation (activation checkpointing) is not counted.
     - generation: the prefill scores only the last prompt position, then every new token but the last is fed
       back: layers over P + T - 1 positions, the output projection over T positions, per sequence;
-    - training forward + backward: 3x the forward over P + T positions, the output projection only over the
-      T completion positions (the minimum; TRL's fused head on the CPU scores all P + T - 1);
+    - training forward + backward: 3x the forward over P + T - 1 positions (the last predicts nothing), the
+      output projection only over the T completion positions (the minimum; TRL's fused head on the CPU scores
+      all P + T - 1). grpo.py's own count is higher: its backward runs the projection's forward twice (see
+      README), 4x instead of 3x;
     - no-grad log-prob pass: 1x the same forward, for the sampling policy's log-probs. With one optimizer step
       per rollout they equal the training forward's (ratio 1): grpo.py and TRL both skip it then, and the floor
       leaves it out.
@@ -154,9 +156,8 @@ def step_flops(arch: dict, completions: int, prompt_len: int, new_tokens: int) -
       W = 802,816 + 229,376 + 802,816 + 13,074,432 = 14,909,440;  2*H*V = 272,269,312
       attention over a sequence of n tokens, 2 layers: 2 * 2 * 896 * n * (n + 1): 16.3 M for n = 67, 16.8 M for 68
       generation: head 272.27M * 32 * 64 = 557.61 G; layers 2 * 2 * 14.909M * 32 * 67 = 127.86 G + 0.52 G attention
-      training:   head 3 * 557.61 G = 1672.82 G; layers 3 * (2 * 2 * 14.909M * 32 * 68 = 129.77 G + 0.54 G attention)
-                  = 390.93 G
-      floor = 557.61 + 128.39 + 1672.82 + 390.93 = 2749.75 GFLOP;  no-grad pass: 557.61 + 130.31 = 687.92 GFLOP
+      training:   head 3 * 557.61 G = 1672.82 G; layers 3 * 128.39 G = 385.16 G (the same 67 positions)
+      floor = 557.61 + 128.39 + 1672.82 + 385.16 = 2743.98 GFLOP;  no-grad pass: 557.61 + 128.39 = 686.00 GFLOP
     (The prompts are 4 tokens; the tiny config is the same formula with H 128, I 512, 4 heads, V 98, B 256, T 8.)
     """
     H, I, V, L = arch["hidden_size"], arch["intermediate_size"], arch["vocab_size"], arch["num_hidden_layers"]
@@ -172,27 +173,35 @@ def step_flops(arch: dict, completions: int, prompt_len: int, new_tokens: int) -
         "generation: output projection": head * B * T,
         "generation: layers": B * layers_forward(P + T - 1),
         "training fwd+bwd: output projection": 3 * head * B * T,
-        "training fwd+bwd: layers": 3 * B * layers_forward(P + T),
+        "training fwd+bwd: layers": 3 * B * layers_forward(P + T - 1),
     }
-    nograd = head * B * T + B * layers_forward(P + T)
+    nograd = head * B * T + B * layers_forward(P + T - 1)
     return dict(parts=parts, floor=sum(parts.values()), nograd=nograd)
 
 
 def matmul_rate(hidden: int, vocab: int, rows: list[int], repeats: int = 3) -> dict:
-    """fp32 GFLOP/s of (N x H) @ (H x V), the output projection's shape, best of `repeats`, for each N."""
+    """fp32 GFLOP/s of (N x H) @ (H x V), the output projection's shape, best of `repeats`, for each N, with
+    torch's default matmul (MKL on x86 builds) and with oneDNN's (common.linear, which grpo.py uses on the CPU)."""
     import torch
 
+    sys.path.insert(0, str(ROOT))
+    import common
+
     weight = torch.randn(vocab, hidden) * 0.02  # stored (V, H) like the model's nn.Linear / tied embedding
+    kernels = {"torch.matmul": lambda x: torch.matmul(x, weight.t())}
+    if common.ONEDNN:
+        kernels["oneDNN"] = lambda x: common.linear(x, weight)
     rates = {}
-    for n in rows:
-        x = torch.randn(n, hidden)
-        torch.matmul(x, weight.t())  # warm-up
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            torch.matmul(x, weight.t())
-            best = min(best, time.perf_counter() - t0)
-        rates[n] = 2 * n * hidden * vocab / best / 1e9
+    for kernel, matmul in kernels.items():
+        for n in rows:
+            x = torch.randn(n, hidden)
+            matmul(x)  # warm-up
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                matmul(x)
+                best = min(best, time.perf_counter() - t0)
+            rates[(kernel, n)] = 2 * n * hidden * vocab / best / 1e9
     return dict(rates=rates, threads=torch.get_num_threads(), torch=torch.__version__)
 
 
@@ -345,7 +354,7 @@ def split_table(name: str, r: dict) -> str:
 
 def floor_table(name: str, r: dict) -> str:
     f, rate = r["flops"], r["rate"]
-    rates = ", ".join(f"{v:.1f} GFLOP/s at N = {n}" for n, v in rate["rates"].items())
+    rates = ", ".join(f"{v:.1f} GFLOP/s with {kernel} at N = {n}" for (kernel, n), v in rate["rates"].items())
     hidden, vocab = MATMUL_SHAPE
     lines = [f"Matmul floor, {name}: the step's matmul FLOPs at the machine's best fp32 matmul rate; (N x {hidden}) "
              f"@ ({hidden} x {vocab}) runs at {rates} ({rate['threads']} threads).", "",
@@ -362,7 +371,7 @@ def floor_table(name: str, r: dict) -> str:
                       "slower, so its floor is optimistic and its share of the floor a rough figure."]
         return "\n".join(lines)
     completions = r["completions"]
-    head_rate = rate["rates"].get(completions, r["best_rate"])
+    head_rate = max((v for (_, n), v in rate["rates"].items() if n == completions), default=r["best_rate"])
     generation_head = f["parts"]["generation: output projection"] / 1e9
     bound = generation_head / head_rate + (f["floor"] / 1e9 - generation_head) / r["best_rate"]
     lines += ["", f"At these rates no exact fp32 step can take less than {bound:.2f} s: generation's output projection "
