@@ -577,8 +577,9 @@ def generate(
     logprobs = torch.zeros(B, max_new_tokens, device=device)
     eos = torch.tensor(eos_ids, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding does not shift positions
-    step_ids, step_mask, cache, cdf = input_ids, attention_mask, None, None
+    prompt_positions = (enc.attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding does not shift them
+    position_ids = prompt_positions.repeat_interleave(group_size, dim=0)
+    step_mask, cdf = attention_mask, None
     was_training = model.training
     model.eval()
     if hasattr(model, "fsdp_decode_step"):  # sharded by shard_model: the same code, as an FSDP forward
@@ -586,8 +587,14 @@ def generate(
     else:
         decode_step = functools.partial(_decode_step, model)
     with autocast(device):
+        # the G completions of a prompt share it: each prompt runs through the model once, then its KV cache
+        # and its last logits are repeated G times (rows i*G + j)
+        cache, logits = decode_step(enc.input_ids, enc.attention_mask, prompt_positions, None)
+        cache.batch_repeat_interleave(group_size)
+        logits = logits.repeat_interleave(group_size, dim=0)
         for t in range(max_new_tokens):
-            cache, logits = decode_step(step_ids, step_mask, position_ids, cache)
+            if t > 0:
+                cache, logits = decode_step(step_ids, step_mask, position_ids, cache)
             if greedy:
                 token = logits.argmax(dim=-1)
             else:
