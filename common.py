@@ -47,14 +47,44 @@ def seed_everything(seed: int):
 
 
 def get_device(name: str = "auto") -> torch.device:
-    """`auto`: the GPU when there is one (under torchrun, the LOCAL_RANK-th), else the CPU."""
+    """`auto`: the GPU when there is one (under torchrun, the LOCAL_RANK-th), else the CPU. On the CPU, freed
+    memory is kept for reuse (`keep_freed_cpu_memory`)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    if device.type == "cpu":
+        keep_freed_cpu_memory()
     return device
+
+
+MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for this setting on 64-bit systems
+TRIM_THRESHOLD = 1 << 30
+
+
+def keep_freed_cpu_memory(libc_name: str = "libc.so.6"):
+    """Training on the CPU allocates and frees the same activation-sized blocks every step. By default glibc
+    serves blocks above its mmap threshold (128 KiB at start, raised as blocks are freed) with fresh pages from
+    the operating system and hands them back on free, so the next step page-faults them in again: on the tiny
+    benchmark that was half the step (0.2 s vs 0.09 s, README). Here blocks up to 32 MiB come from the heap, and
+    up to 1 GiB of free heap is kept for reuse rather than returned; larger blocks are mapped as before. The
+    peak resident memory did not grow (qwen-shape benchmark). This plays the role of PyTorch's caching
+    allocator on CUDA; the PyTorch CPU tuning guide recommends jemalloc or tcmalloc for the same reason.
+    Leaves the allocator alone when the environment already sets it (MALLOC_*_, GLIBC_TUNABLES), and on
+    systems without glibc (macOS, musl), where there is no mallopt to call."""
+    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
+        return
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(libc_name).mallopt
+    except (OSError, AttributeError):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+    if not (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
+        raise RuntimeError("glibc mallopt refused the mmap or trim threshold")
 
 
 def autocast(device: torch.device):

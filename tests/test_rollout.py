@@ -2,6 +2,10 @@
 
 import functools
 import math
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -214,6 +218,74 @@ def test_tied_embedding_gradient_by_hand():
     assert out.tolist() == [[[2.0, 3.0], [0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]]
     out.sum().backward()
     assert weight.grad.tolist() == [[0.0, 0.0], [2.0, 2.0], [1.0, 1.0]]
+
+
+class FakeLibc:
+    def __init__(self, answer=1):
+        self.calls, self.answer = [], answer
+
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+        return self.answer
+
+
+def test_keep_freed_cpu_memory_sets_glibcs_thresholds(monkeypatch):
+    # glibc's malloc.h: M_MMAP_THRESHOLD is -3, M_TRIM_THRESHOLD is -1; 32 MiB = 32 * 2^20 = 33554432 bytes,
+    # 1 GiB = 2^30 = 1073741824 bytes
+    import ctypes
+
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    libc = FakeLibc()
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: libc)
+    common.keep_freed_cpu_memory()
+    assert libc.calls == [(-3, 33554432), (-1, 1073741824)]
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")  # the user's own setting wins
+    libc.calls.clear()
+    common.keep_freed_cpu_memory()
+    assert libc.calls == []
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc(answer=0))  # glibc refuses: say so
+    with pytest.raises(RuntimeError, match="mallopt refused"):
+        common.keep_freed_cpu_memory()
+
+    def no_glibc(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_glibc)  # macOS, musl: the allocator is left as it is
+    common.keep_freed_cpu_memory()
+
+
+MAPPED_BYTES = """
+import ctypes, sys, torch
+sys.path.insert(0, {root!r})
+import common
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+mallinfo2.restype = Mallinfo2
+if {keep}:
+    common.get_device("cpu")
+before = mallinfo2().hblkhd
+block = torch.empty(8 << 20, dtype=torch.uint8)
+print(mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+@pytest.mark.parametrize("keep, mapped", [(False, True), (True, False)])
+def test_on_the_cpu_blocks_come_from_the_heap(keep, mapped):
+    # a fresh process allocates an 8 MiB tensor: by default glibc maps it from the OS (above its 128 KiB
+    # threshold, hblkhd grows by at least 8 MiB); after get_device("cpu") it comes from the heap (hblkhd unchanged)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    code = MAPPED_BYTES.format(root=str(common.ROOT), keep=keep)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    grown = int(result.stdout.split()[-1])
+    assert (grown >= 8 << 20) if mapped else grown == 0
 
 
 def test_output_layers_that_change_the_logits_are_refused(tiny):
