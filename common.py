@@ -68,12 +68,13 @@ def keep_freed_cpu_memory(libc_name: str = "libc.so.6"):
     """Training on the CPU allocates and frees the same activation-sized blocks every step. By default glibc
     serves blocks above its mmap threshold (128 KiB at start, raised as blocks are freed) with fresh pages from
     the operating system and hands them back on free, so the next step page-faults them in again: on the tiny
-    benchmark that was half the step (0.2 s vs 0.09 s, README). Here blocks up to 32 MiB come from the heap, and
-    up to 1 GiB of free heap is kept for reuse rather than returned; larger blocks are mapped as before. The
-    peak resident memory did not grow (qwen-shape benchmark). This plays the role of PyTorch's caching
-    allocator on CUDA; the PyTorch CPU tuning guide recommends jemalloc or tcmalloc for the same reason.
-    Leaves the allocator alone when the environment already sets it (MALLOC_*_, GLIBC_TUNABLES), and on
-    systems without glibc (macOS, musl), where there is no mallopt to call."""
+    benchmark that was half the step (0.12-0.2 s vs 0.08-0.09 s, README). Here blocks up to 32 MiB come from
+    the heap, and up to 1 GiB of free heap is kept for reuse rather than returned; larger blocks are mapped as
+    before. The cost is the kept heap: the qwen-shape benchmark's peak moved from 3.22-3.27 to 3.27-3.37 GiB.
+    This plays the role of PyTorch's caching allocator on CUDA; PyTorch's performance tuning guide recommends
+    jemalloc or tcmalloc on the CPU for the same reason. Leaves the allocator alone when the environment
+    already sets it (MALLOC_*_, GLIBC_TUNABLES), and on systems without glibc (macOS, musl), where there is
+    no mallopt to call."""
     if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
         return
     import ctypes
