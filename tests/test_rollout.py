@@ -275,7 +275,12 @@ print(mallinfo2().hblkhd - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def glibc_with_mallinfo2() -> bool:
+    name, version = platform.libc_ver()
+    return sys.platform.startswith("linux") and name == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 33)
+
+
+@pytest.mark.skipif(not glibc_with_mallinfo2(), reason="needs glibc 2.33 or later (mallinfo2)")
 @pytest.mark.parametrize("keep, mapped", [(False, True), (True, False)])
 def test_on_the_cpu_blocks_come_from_the_heap(keep, mapped):
     # a fresh process allocates an 8 MiB tensor: by default glibc maps it from the OS (above its 128 KiB
