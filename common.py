@@ -70,7 +70,8 @@ def keep_freed_cpu_memory(libc_name: str = "libc.so.6"):
     the operating system and hands them back on free, so the next step page-faults them in again: on the tiny
     benchmark that was half the step (0.12-0.2 s vs 0.08-0.09 s, README). Here blocks up to 32 MiB come from
     the heap, and up to 1 GiB of free heap is kept for reuse rather than returned; larger blocks are mapped as
-    before. The cost is the kept heap: the qwen-shape benchmark's peak moved from 3.22-3.27 to 3.27-3.37 GiB.
+    before. The cost is the kept heap (the qwen-shape benchmark's peak moved from 3.22-3.27 to 3.27-3.37 GiB),
+    which `return_freed_cpu_memory` hands back where the step's peak would otherwise include it.
     This plays the role of PyTorch's caching allocator on CUDA; PyTorch's performance tuning guide recommends
     jemalloc or tcmalloc on the CPU for the same reason. Leaves the allocator alone when the environment
     already sets it (MALLOC_*_, GLIBC_TUNABLES), and on systems without glibc (macOS, musl), where there is
@@ -86,6 +87,19 @@ def keep_freed_cpu_memory(libc_name: str = "libc.so.6"):
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
     if not (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
         raise RuntimeError("glibc mallopt refused the mmap or trim threshold")
+
+
+def return_freed_cpu_memory(libc_name: str = "libc.so.6"):
+    """Hand the free pages of glibc's heap back to the operating system (malloc_trim). keep_freed_cpu_memory has
+    glibc keep up to 1 GiB of freed heap, but a block of 32 MiB or more is mapped fresh rather than cut from it:
+    where such a block follows a large free, both would be resident at once. No-op without glibc."""
+    import ctypes
+
+    try:
+        malloc_trim = ctypes.CDLL(libc_name).malloc_trim
+    except (OSError, AttributeError):
+        return
+    malloc_trim(0)
 
 
 def autocast(device: torch.device):
@@ -712,6 +726,7 @@ def _grad_logit_chunks(hidden, weight, bias, targets, temperature, chunk_size, d
     for start in range(0, hidden.shape[0], chunk_size):
         rows = slice(start, min(start + chunk_size, hidden.shape[0]))
         h = hidden[rows].to(dtype)
+        p = None
         d = _chunk_logits(h, w, bias, temperature)
         d.sub_(d.amax(dim=1, keepdim=True))  # z - max
         if g_entropy is None:
@@ -726,6 +741,7 @@ def _grad_logit_chunks(hidden, weight, bias, targets, temperature, chunk_size, d
             d.add_(entropy).mul_(-g_entropy[rows, None]).sub_(g_logp[rows, None]).mul_(p)  # -p (g + g_H (log p + H))
         d.scatter_add_(1, targets[rows, None], g_logp[rows, None])  # + g [j = target]
         yield rows, h, w, d
+        del h, d, p  # before the next chunk's logits exist (the caller drops its own reference too)
 
 
 def _add_weight_grad(grad_weight, d, h, first: bool):
@@ -774,6 +790,7 @@ class _TokenLogprobs(torch.autograd.Function):
                 if with_entropy:  # H = log(total) - sum q (z - max) / total, with q = exp(z - max)
                     entropy[rows] = total.log() - (q[:, None, :] @ z[:, :, None]).flatten() / total
                 logp[rows] = target_z - z_max.squeeze(1) - total.log()
+                del z, q  # one chunk of logits alive at a time, not two
         return (logp, entropy) if with_entropy else logp
 
     @staticmethod
@@ -800,6 +817,7 @@ class _TokenLogprobs(torch.autograd.Function):
                         _add_weight_grad(grad_weight, d, h, first=rows.start == 0)
                     if need_bias:
                         grad_bias += d.sum(dim=0).to(grad_bias.dtype)
+                    del d  # one chunk of logits alive at a time, not two
         if defer:
             ctx.tie["chunks"] = chunks
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
@@ -828,6 +846,11 @@ class _TiedEmbedding(torch.autograd.Function):
             keep = ids != ctx.padding_idx
             ids, grad_rows = ids[keep], grad_rows[keep]
         chunks = ctx.tie.pop("chunks", None)
+        grad_bytes = math.prod(ctx.weight_shape) * ctx.weight_dtype.itemsize
+        if grad_output.device.type == "cpu" and grad_bytes >= MMAP_THRESHOLD:
+            # the backbone's activations were just freed and this gradient will be mapped fresh: return the freed
+            # heap first (measured: 0.17 GiB off the qwen-shape benchmark's peak)
+            return_freed_cpu_memory()
         if chunks is None:  # the log-probs were not part of the loss
             grad_weight = grad_output.new_zeros(ctx.weight_shape, dtype=ctx.weight_dtype)
         else:
@@ -838,6 +861,7 @@ class _TiedEmbedding(torch.autograd.Function):
             with torch.autocast(grad_output.device.type, enabled=False):
                 for rows, h, w, d in _grad_logit_chunks(**chunks):
                     _add_weight_grad(grad_weight, d, h, first=rows.start == 0)
+                    del d  # one chunk of logits alive at a time, not two
         grad_weight.index_add_(0, ids, grad_rows.to(grad_weight.dtype))
         return None, grad_weight, None, None
 

@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -228,6 +229,10 @@ class FakeLibc:
         self.calls.append((param, value))
         return self.answer
 
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
 
 def test_keep_freed_cpu_memory_sets_glibcs_thresholds(monkeypatch):
     # glibc's malloc.h: M_MMAP_THRESHOLD is -3, M_TRIM_THRESHOLD is -1; 32 MiB = 32 * 2^20 = 33554432 bytes,
@@ -291,6 +296,87 @@ def test_on_the_cpu_blocks_come_from_the_heap(keep, mapped):
     assert result.returncode == 0, result.stderr[-2000:]
     grown = int(result.stdout.split()[-1])
     assert (grown >= 8 << 20) if mapped else grown == 0
+
+
+def test_return_freed_cpu_memory_trims_glibcs_heap(monkeypatch):
+    import ctypes
+
+    libc = FakeLibc()
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: libc)
+    common.return_freed_cpu_memory()
+    assert libc.calls == [("malloc_trim", 0)]  # pad 0: every free page goes back
+
+    def no_glibc(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_glibc)
+    common.return_freed_cpu_memory()
+
+
+RESIDENT_AFTER_FREE = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import common
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+common.get_device("cpu")
+blocks = [torch.ones(1 << 18) for _ in range(64)]  # 64 blocks of 1 MiB, from the heap, touched
+del blocks
+kept = resident()
+common.return_freed_cpu_memory()
+print(kept - resident())
+"""
+
+
+@pytest.mark.skipif(not glibc_with_mallinfo2(), reason="needs glibc")
+def test_freed_heap_is_kept_until_returned():
+    # 64 MiB freed stays resident (get_device keeps up to 1 GiB of free heap) until return_freed_cpu_memory
+    # hands it back: resident memory falls by at least 48 MiB of the 64 (the rest of the process may move)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    result = subprocess.run([sys.executable, "-c", RESIDENT_AFTER_FREE.format(root=str(common.ROOT))],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) >= 48 << 20
+
+
+@pytest.mark.parametrize("columns, returned", [(1024, True), (1023, False)])
+def test_tied_gradient_returns_freed_memory_first(monkeypatch, columns, returned):
+    # the tied weight's gradient is mapped fresh when it is at least glibc's mmap threshold set here, 32 MiB:
+    # 8192 x 1024 fp32 = 2^13 * 2^10 * 4 = 2^25 bytes = 32 MiB (returned first); 8192 x 1023 x 4 = 33521664 (not)
+    calls = []
+    monkeypatch.setattr(common, "return_freed_cpu_memory", lambda: calls.append(1))
+    weight = torch.zeros(8192, columns, requires_grad=True)
+    common._TiedEmbedding.apply(torch.tensor([[1, 2]]), weight, None, {}).sum().backward()
+    assert len(calls) == (1 if returned else 0)
+    assert weight.grad[1].sum().item() == columns  # the rows' own gradient still arrives: 1 per entry
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("tied", [False, True])
+def test_one_chunk_of_logits_alive_at_a_time(monkeypatch, with_entropy, tied):
+    # chunking exists so that the tokens x vocabulary logits never exist at once; a chunk still referenced (say,
+    # by a loop variable) while the next one is computed doubles that (2 x 128 MB on Qwen2.5's vocabulary).
+    # Forward, backward and the tied weight's pass: each chunk's logits are gone before the next is computed.
+    original, alive = common._chunk_logits, []
+
+    def chunk_logits(*args):
+        assert all(ref() is None for ref in alive), "the previous chunk's logits are still referenced"
+        z = original(*args)
+        alive.append(weakref.ref(z))
+        return z
+
+    monkeypatch.setattr(common, "_chunk_logits", chunk_logits)
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(7, 3, generator=generator, requires_grad=True)
+    ids, targets = torch.tensor([0, 1, 2, 3, 4]), torch.tensor([0, 6, 3, 3, 1])
+    tie = {} if tied else None
+    embedded = common._TiedEmbedding.apply(ids, weight, None, tie) if tied else weight[ids]
+    hidden = torch.tanh(embedded)
+    # 5 tokens in chunks of 2: 3 chunks forward, 3 backward, and 5 (chunks of max(1, 2 // 4) = 1) tied
+    out = common._TokenLogprobs.apply(hidden, weight, None, targets, 1.0, 2, with_entropy, None, tie)
+    (out[0] + out[1] if with_entropy else out).sum().backward()
+    assert len(alive) == 3 + 3 + (5 if tied else 0)
 
 
 def test_output_layers_that_change_the_logits_are_refused(tiny):
