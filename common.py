@@ -190,6 +190,13 @@ def prepare_for_training(model, gradient_checkpointing: bool):
     return model
 
 
+def is_checkpointing(model) -> bool:
+    """Whether transformers' activation (gradient) checkpointing is on; transformers 5 renamed
+    is_gradient_checkpointing (kept, deprecated) to is_activation_checkpointing."""
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    return getattr(model, "is_gradient_checkpointing", False) if checkpointing is None else checkpointing
+
+
 def _linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if ONEDNN and x.device.type == "cpu" and x.dtype == module.weight.dtype == torch.float32:
         return _Linear.apply(x, module.weight, module.bias)
@@ -902,11 +909,7 @@ def _prompt_group_sizes(model, input_ids, attention_mask, prompt_len) -> Optiona
     or under gradient checkpointing (which turns the KV cache off). A sharded model (shard_model) shares only
     when every process does: each backbone call all-gathers the weights, so all must make the same calls."""
     sizes = None
-    # transformers 5 renamed is_gradient_checkpointing (kept, deprecated) to is_activation_checkpointing
-    checkpointing = getattr(model, "is_activation_checkpointing", None)
-    if checkpointing is None:
-        checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    if input_ids.shape[1] > prompt_len and not checkpointing:
+    if input_ids.shape[1] > prompt_len and not is_checkpointing(model):
         ids, mask = input_ids[:, :prompt_len], attention_mask[:, :prompt_len]
         new_prompt = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
         new_prompt[1:] = ((ids[1:] != ids[:-1]) | (mask[1:] != mask[:-1])).any(dim=1)
