@@ -190,6 +190,13 @@ def prepare_for_training(model, gradient_checkpointing: bool):
     return model
 
 
+def is_checkpointing(model) -> bool:
+    """Whether transformers' activation (gradient) checkpointing is on; transformers 5 renamed
+    is_gradient_checkpointing (kept, deprecated) to is_activation_checkpointing."""
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    return getattr(model, "is_gradient_checkpointing", False) if checkpointing is None else checkpointing
+
+
 def _linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if ONEDNN and x.device.type == "cpu" and x.dtype == module.weight.dtype == torch.float32:
         return _Linear.apply(x, module.weight, module.bias)
@@ -896,6 +903,24 @@ def completion_logprobs(
     return forward(input_ids, attention_mask, prompt_len, temperature, chunk_size, with_entropy, values)
 
 
+def _prompt_group_sizes(model, input_ids, attention_mask, prompt_len) -> Optional[torch.Tensor]:
+    """Sizes of the runs of consecutive rows that share a prompt (`generate` puts a group's rows together), or
+    None when no two neighbouring rows share one, when there is no completion position to run after the prompt,
+    or under gradient checkpointing (which turns the KV cache off). A sharded model (shard_model) shares only
+    when every process does: each backbone call all-gathers the weights, so all must make the same calls."""
+    sizes = None
+    if input_ids.shape[1] > prompt_len and not is_checkpointing(model):
+        ids, mask = input_ids[:, :prompt_len], attention_mask[:, :prompt_len]
+        new_prompt = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+        new_prompt[1:] = ((ids[1:] != ids[:-1]) | (mask[1:] != mask[:-1])).any(dim=1)
+        first = new_prompt.nonzero().squeeze(1)
+        if len(first) < ids.shape[0]:
+            sizes = torch.diff(first, append=first.new_tensor([ids.shape[0]]))
+    if hasattr(model, "fsdp_completion_logprobs") and not min_over_processes(sizes is not None, input_ids.device):
+        return None
+    return sizes
+
+
 def _completion_logprobs(model, input_ids, attention_mask, prompt_len, temperature, chunk_size, with_entropy,
                          values=None):
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # same positions as `generate` used
@@ -910,14 +935,32 @@ def _completion_logprobs(model, input_ids, attention_mask, prompt_len, temperatu
             and type(embeddings) is torch.nn.Embedding and embeddings.max_norm is None
             and not embeddings.scale_grad_by_freq and not embeddings.sparse):
         tie = {}
-        inputs = dict(inputs_embeds=_TiedEmbedding.apply(input_ids, embeddings.weight, embeddings.padding_idx, tie))
+        inputs_embeds = _TiedEmbedding.apply(input_ids, embeddings.weight, embeddings.padding_idx, tie)
     else:
-        inputs = dict(input_ids=input_ids)
+        inputs_embeds = embeddings(input_ids)
     with autocast(device):
-        hidden = model.base_model(
-            **inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-    hidden = hidden[:, prompt_len - 1 :]
+        group_sizes = _prompt_group_sizes(model, input_ids, attention_mask, prompt_len)
+        if group_sizes is None:
+            hidden = model.base_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False,
+            ).last_hidden_state[:, prompt_len - 1 :]
+        else:
+            # each distinct prompt runs through the backbone once, as in `generate`: its KV cache and its last
+            # hidden state are repeated over the rows that share it (the gradients of the copies add up)
+            first = torch.cumsum(group_sizes, 0) - group_sizes
+            prompt = model.base_model(
+                inputs_embeds=inputs_embeds[first, :prompt_len], attention_mask=attention_mask[first, :prompt_len],
+                position_ids=position_ids[first, :prompt_len], use_cache=True,
+            )
+            cache = prompt.past_key_values
+            cache.batch_repeat_interleave(group_sizes)
+            completion = model.base_model(
+                inputs_embeds=inputs_embeds[:, prompt_len:], attention_mask=attention_mask,
+                position_ids=position_ids[:, prompt_len:], past_key_values=cache, use_cache=True,
+            )
+            last_prompt = prompt.last_hidden_state[:, -1:].repeat_interleave(group_sizes, dim=0)
+            hidden = torch.cat([last_prompt, completion.last_hidden_state], dim=1)
     B, T, H = hidden.shape
     chunk_size = chunk_size or max(1, 2**25 // lm_head.weight.shape[0])
     with autocast(device):

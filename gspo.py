@@ -249,7 +249,8 @@ def accumulate_gradients(model, rollout, old_logp, advantages, minibatch, micro_
     sequences, so each micro-batch's loss is weighted by its share of the minibatch's sequences.
     """
     metrics = []
-    for micro in minibatch.split(micro_batch_size):
+    # in rollout order, each prompt's rows side by side: the backbone runs a prompt once (completion_logprobs)
+    for micro in minibatch.sort().values.split(micro_batch_size):
         # old_logp None: on-policy (main, step 3). The values are then the sampler's own, and the output
         # projection runs in the backward pass only (common.completion_logprobs); the ratio is exactly 1
         sampled = None if old_logp is not None else (rollout.logprobs[micro], rollout.entropy[micro])

@@ -368,7 +368,8 @@ def accumulate_gradients(
     # the token-mean's denominator: this minibatch's token count, averaged over the processes under torchrun,
     # where FSDP averages the gradients: the gradient is then that of the global minibatch's token-mean
     num_tokens = common.all_reduce(rollout.completion_mask[minibatch].sum(), "mean").clamp(min=1)
-    for micro in minibatch.split(micro_batch_size):
+    # in rollout order, each prompt's rows side by side: the backbone runs a prompt once (completion_logprobs)
+    for micro in minibatch.sort().values.split(micro_batch_size):
         logp, entropy = common.completion_logprobs(
             model, rollout.input_ids[micro], rollout.attention_mask[micro], rollout.prompt_len,
             args.temperature, args.logprob_chunk_size, with_entropy=args.ent_coef > 0,

@@ -159,8 +159,8 @@ def step_flops(arch: dict, completions: int, prompt_len: int, new_tokens: int) -
       training:   head 3 * 557.61 G = 1672.82 G; layers 3 * 128.39 G = 385.16 G (the same 67 positions)
       floor = 557.61 + 128.39 + 1672.82 + 385.16 = 2743.98 GFLOP;  no-grad pass: 557.61 + 128.39 = 686.00 GFLOP
     (The prompts are 4 tokens; the tiny config is the same formula with H 128, I 512, 4 heads, V 98, B 256, T 8.)
-    Every sequence's prompt positions count, as TRL runs them; grpo.py's generation prefills a prompt once
-    per group, so its generation layer FLOPs are a little lower than counted.
+    Every sequence's prompt positions count, as TRL runs them; grpo.py runs a prompt once per group, in
+    generation and in training, so its layer FLOPs are lower than counted (by a third in tiny's training pass).
     """
     H, I, V, L = arch["hidden_size"], arch["intermediate_size"], arch["vocab_size"], arch["num_hidden_layers"]
     kv = H // arch["num_attention_heads"] * arch["num_key_value_heads"]

@@ -119,7 +119,22 @@ def assert_micro_batches_add_up(model, accumulate, minibatch_size, micro_batch_s
         accumulate(micro_batch_size)
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
-    whole = gradient(minibatch_size)
+    # the minibatch's rows come shuffled; accumulate_gradients puts each prompt's rows side by side, so that
+    # the backbone runs every distinct prompt of the minibatch once (common._prompt_group_sizes)
+    runs, group_sizes = [], common._prompt_group_sizes
+
+    def recording(model, input_ids, attention_mask, prompt_len):
+        sizes = group_sizes(model, input_ids, attention_mask, prompt_len)
+        prompts = torch.cat([input_ids[:, :prompt_len], attention_mask[:, :prompt_len]], dim=1).unique(dim=0)
+        runs.append((len(input_ids) if sizes is None else len(sizes), len(prompts)))
+        return sizes
+
+    common._prompt_group_sizes = recording
+    try:
+        whole = gradient(minibatch_size)
+    finally:
+        common._prompt_group_sizes = group_sizes
+    assert runs and all(backbone_runs == distinct for backbone_runs, distinct in runs), runs
     assert whole.abs().sum() > 0
     for micro_batch_size in micro_batch_sizes:
         torch.testing.assert_close(gradient(micro_batch_size), whole, rtol=1e-4, atol=1e-6)

@@ -1,5 +1,6 @@
 """Rollout plumbing in common.py: completion masks, left padding, chunked log-probs."""
 
+import copy
 import functools
 import math
 import os
@@ -74,6 +75,44 @@ def test_chunked_logprobs_equal_full_log_softmax(tiny):
     for got, want in zip(chunked_grads, (p.grad for p in model.parameters())):
         assert (got - want).norm() <= 1e-4 * want.norm()
     assert chunked_logp.requires_grad and chunked_entropy.requires_grad
+    # the two prompts ran through the backbone once each (their 3 rows share the KV cache)
+    assert common._prompt_group_sizes(model, *args[1:4]).tolist() == [3, 3]
+
+
+def test_shared_prompts_in_a_micro_batch_that_splits_groups(tiny):
+    # rows 1-4 of two groups of 3: prompt 0's last 2 rows, prompt 1's first 2; values and gradients as naive
+    model, tokenizer, eos = tiny
+    rollout = common.generate(model, tokenizer, ["1+2=", "13+45="], 3, 5, 1.0, eos)
+    args = (model, rollout.input_ids[1:5], rollout.attention_mask[1:5], rollout.prompt_len, 1.0)
+    assert common._prompt_group_sizes(*args[:4]).tolist() == [2, 2]
+    model.zero_grad()
+    logp, _ = common.completion_logprobs(*args)
+    logp.sum().backward()
+    shared_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected, _ = naive_logprobs(*args)
+    expected.sum().backward()
+    torch.testing.assert_close(logp, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(shared_grads, (p.grad for p in model.parameters())):
+        assert (got - want).norm() <= 1e-4 * want.norm()  # float32 sums in another order
+    model.zero_grad()
+
+
+def test_prompt_group_sizes_by_hand(tiny):
+    # prompts of 2 positions, rows A A B B B A: runs of 2, 3 and 1 (the last A is not next to the first two).
+    # Row 5 = A with a different mask (left padding) is another prompt. All rows distinct, or no position after
+    # the prompt: None (nothing to share)
+    model, _, _ = tiny
+    a, b = [5, 6], [5, 7]
+    ids = torch.tensor([a + [1], a + [2], b + [3], b + [4], b + [5], a + [6]])
+    mask = torch.ones_like(ids)
+    assert common._prompt_group_sizes(model, ids, mask, 2).tolist() == [2, 3, 1]
+    mask[1, 0] = 0
+    assert common._prompt_group_sizes(model, ids, mask, 2).tolist() == [1, 1, 3, 1]
+    assert common._prompt_group_sizes(model, ids[[0, 2, 5]], mask[[0, 2, 5]], 2) is None  # A B A
+    assert common._prompt_group_sizes(model, ids[:, :2], mask[:, :2], 2) is None
+    checkpointed = common.prepare_for_training(copy.deepcopy(model), gradient_checkpointing=True)
+    assert common._prompt_group_sizes(checkpointed, ids, mask, 2) is None  # no KV cache to share
 
 
 def test_token_logprobs_entropy_and_gradients_by_hand():
@@ -404,7 +443,7 @@ def test_models_train_without_dropout_and_checkpointing_is_active():
         AutoModelForCausalLM.from_config(config).requires_grad_(True), gradient_checkpointing=True
     )
     checkpointed.load_state_dict(plain.state_dict())
-    assert plain.training and checkpointed.training and checkpointed.is_gradient_checkpointing
+    assert plain.training and checkpointed.training and common.is_checkpointing(checkpointed)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     torch.testing.assert_close(plain(ids).logits, plain(ids).logits, rtol=0, atol=0)
     grads = []
