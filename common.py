@@ -117,13 +117,14 @@ def _onednn_available() -> bool:
 ONEDNN = _onednn_available()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T. On the CPU in fp32 through oneDNN's matmul (the op torch.compile uses for linear layers),
-    which on this project's AMD machine runs the output projection's shapes at 2-2.5x the rate of the default
-    BLAS path (MKL): same fp32 arithmetic, summed in another order (tests/test_rollout.py compares the two)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x @ weight.T (+ bias). On the CPU in fp32 through oneDNN's matmul (the op torch.compile uses for linear
+    layers), which on this project's AMD machine runs the output projection's shapes at 2-2.5x the rate of the
+    default BLAS path (MKL): same fp32 arithmetic, summed in another order (tests/test_rollout.py compares the
+    two). The bias is added inside the same op."""
     if ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-    return x @ weight.t()
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,7 +200,9 @@ def is_checkpointing(model) -> bool:
 
 def _linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if ONEDNN and x.device.type == "cpu" and x.dtype == module.weight.dtype == torch.float32:
-        return _Linear.apply(x, module.weight, module.bias)
+        if torch.is_grad_enabled():
+            return _Linear.apply(x, module.weight, module.bias)
+        return linear(x, module.weight, module.bias)  # generation, no-grad passes: no autograd Function to run
     return F.linear(x, module.weight, module.bias)
 
 
@@ -210,9 +213,7 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        y = linear(x.reshape(-1, x.shape[-1]), weight)
-        if bias is not None:
-            y += bias
+        y = linear(x.reshape(-1, x.shape[-1]), weight, bias)
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -220,7 +221,9 @@ class _Linear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         g, x = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
         grad_x = linear(g, weight.t()).view(grad_y.shape[:-1] + (x.shape[-1],)) if ctx.needs_input_grad[0] else None
-        grad_weight = linear(g.t(), x.t()) if ctx.needs_input_grad[1] else None  # g.T @ x
+        grad_weight = None
+        if ctx.needs_input_grad[1]:  # g.T @ x. oneDNN copies its first operand row-major: copy the smaller one
+            grad_weight = linear(x.t(), g.t()).t() if g.shape[1] > x.shape[1] else linear(g.t(), x.t())
         grad_bias = g.sum(dim=0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias
 

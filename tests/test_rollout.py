@@ -229,6 +229,11 @@ def test_linear_through_onednn_equals_matmul():
     grad = torch.randn(37, 300, generator=generator)
     torch.testing.assert_close(common.linear(grad, weight.t()), grad @ weight, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(common.linear(grad.t(), x.t()), grad.t() @ x, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(common.linear(x.t(), grad.t()).t(), grad.t() @ x, rtol=1e-5, atol=1e-4)
+    # the bias inside the op, on a (batch, position, features) input as the no-grad forward passes hand it over
+    bias = torch.randn(300, generator=generator)
+    x3 = x.view(1, 37, 64)
+    torch.testing.assert_close(common.linear(x3, weight, bias), x3 @ weight.t() + bias, rtol=1e-5, atol=1e-5)
 
 
 def test_linear_layers_by_hand():
@@ -247,6 +252,33 @@ def test_linear_layers_by_hand():
     assert x.grad.tolist() == [[[8.0, 10.0]]]
     assert layer.weight.grad.tolist() == [[1.0, 2.0], [1.0, 2.0]] and layer.bias.grad.tolist() == [1.0, 1.0]
     assert isinstance(layer.forward, functools.partial)  # routed through common._linear_forward
+
+
+def test_wide_linear_layer_gradients_by_hand(monkeypatch):
+    # 2 -> 3 features: more outputs than inputs, so _Linear.backward computes g.T @ x as (x.T @ g).T.
+    # W = [[1, 0], [0, 1], [1, 1]], b = [0, 0, 1], rows x = [1, 2] and [3, 4]: y = x W^T + b = [1, 2, 4], [3, 4, 8].
+    # Upstream dL/dy = g = [[1, 0, 1], [0, 1, 2]] (the loss is sum(y * g)):
+    # dW = g^T x: row 0 = 1*[1, 2] + 0*[3, 4] = [1, 2]; row 1 = 0*[1, 2] + 1*[3, 4] = [3, 4];
+    #      row 2 = 1*[1, 2] + 2*[3, 4] = [7, 10]
+    # dx = g W: [1, 0, 1] -> [1, 0] + [1, 1] = [2, 1]; [0, 1, 2] -> [0, 1] + 2*[1, 1] = [2, 3]; db = [1, 1, 3]
+    layer = torch.nn.Linear(2, 3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        layer.bias.copy_(torch.tensor([0.0, 0.0, 1.0]))
+    common.prepare_for_training(layer, gradient_checkpointing=False)
+    x = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]], requires_grad=True)
+    y = layer(x)
+    assert y.tolist() == [[[1.0, 2.0, 4.0], [3.0, 4.0, 8.0]]]
+    (y * torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 2.0]])).sum().backward()
+    assert layer.weight.grad.tolist() == [[1.0, 2.0], [3.0, 4.0], [7.0, 10.0]]
+    assert x.grad.tolist() == [[[2.0, 1.0], [2.0, 3.0]]] and layer.bias.grad.tolist() == [1.0, 1.0, 3.0]
+    # without autograd (generation, no-grad passes) the same values, without the autograd Function
+    def no_function(*args):
+        raise AssertionError("_Linear.apply called in a no-grad forward")
+
+    monkeypatch.setattr(common._Linear, "apply", no_function)
+    with torch.no_grad():
+        assert layer(x).tolist() == [[[1.0, 2.0, 4.0], [3.0, 4.0, 8.0]]]
 
 
 def test_tied_embedding_gradient_by_hand():
