@@ -1,4 +1,4 @@
-"""Shared plumbing for the algorithm scripts: loading, rollout, log-probs, tasks, rewards, evaluation.
+"""What the algorithm scripts share: loading, several processes, checkpoints, rollout, log-probs, tasks, rewards.
 
 No loss or advantage code lives here: that is each script's own business.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import inspect
 import json
 import math
 import os
@@ -21,17 +22,17 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 ROOT = Path(__file__).resolve().parent
 TINY_MODEL = ROOT / "assets" / "tiny-qwen2"
 
 
 class UserError(Exception):
-    """Bad input from the user, or a run that cannot go on: reported as one line, exit code 2, no traceback."""
+    """Bad input, or a run that cannot go on: reported as one line, exit code 2, no traceback."""
 
 
 def fail(message: str):
-    """Print a one-line error and exit 2. Scripts call this for user errors only."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -47,84 +48,27 @@ def seed_everything(seed: int):
 
 
 def get_device(name: str = "auto") -> torch.device:
-    """`auto`: the GPU when there is one (under torchrun, the LOCAL_RANK-th), else the CPU. On the CPU, freed
-    memory is kept for reuse (`keep_freed_cpu_memory`)."""
+    """`auto`: the GPU when there is one (under torchrun, the LOCAL_RANK-th), else the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    if device.type == "cpu":
-        keep_freed_cpu_memory()
     return device
 
 
-MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for this setting on 64-bit systems
-TRIM_THRESHOLD = 1 << 30
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of the forward and backward passes (`auto`: bf16 on CUDA, fp32 elsewhere). Weights, AdamW states,
+    log-probs, losses and advantages are fp32 whatever it is."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def keep_freed_cpu_memory(libc_name: str = "libc.so.6"):
-    """Training on the CPU allocates and frees the same activation-sized blocks every step. By default glibc
-    serves blocks above its mmap threshold (128 KiB at start, raised as blocks are freed) with fresh pages from
-    the operating system and hands them back on free, so the next step page-faults them in again: on the tiny
-    benchmark that was half the step (0.12-0.2 s vs 0.08-0.09 s, README). Here blocks up to 32 MiB come from
-    the heap, and up to 1 GiB of free heap is kept for reuse rather than returned; larger blocks are mapped as
-    before. The cost is the kept heap (the qwen-shape benchmark's peak moved from 3.22-3.27 to 3.27-3.37 GiB),
-    which `return_freed_cpu_memory` hands back where the step's peak would otherwise include it.
-    This plays the role of PyTorch's caching allocator on CUDA; PyTorch's performance tuning guide recommends
-    jemalloc or tcmalloc on the CPU for the same reason. Leaves the allocator alone when the environment
-    already sets it (MALLOC_*_, GLIBC_TUNABLES), and on systems without glibc (macOS, musl), where there is
-    no mallopt to call."""
-    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
-        return
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(libc_name).mallopt
-    except (OSError, AttributeError):
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-    if not (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
-        raise RuntimeError("glibc mallopt refused the mmap or trim threshold")
-
-
-def return_freed_cpu_memory(libc_name: str = "libc.so.6"):
-    """Hand the free pages of glibc's heap back to the operating system (malloc_trim). keep_freed_cpu_memory has
-    glibc keep up to 1 GiB of freed heap, but a block of 32 MiB or more is mapped fresh rather than cut from it:
-    where such a block follows a large free, both would be resident at once. No-op without glibc."""
-    import ctypes
-
-    try:
-        malloc_trim = ctypes.CDLL(libc_name).malloc_trim
-    except (OSError, AttributeError):
-        return
-    malloc_trim(0)
-
-
-def autocast(device: torch.device):
-    """bf16 compute over fp32 master weights on CUDA; plain fp32 on the CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def _onednn_available() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-ONEDNN = _onednn_available()
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x @ weight.T (+ bias). On the CPU in fp32 through oneDNN's matmul (the op torch.compile uses for linear
-    layers), which on this project's AMD machine runs the output projection's shapes at 2-2.5x the rate of the
-    default BLAS path (MKL): same fp32 arithmetic, summed in another order (tests/test_rollout.py compares the
-    two). The bias is added inside the same op."""
-    if ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+def _first_line(e: Exception) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,9 +88,8 @@ def is_tiny(name: str) -> bool:
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
     except (OSError, ValueError) as e:
         raise UserError(f"--model {name}: no tokenizer found as a local folder or hub id ({_first_line(e)})")
     if tokenizer.pad_token_id is None:
@@ -155,112 +98,70 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def load_model(name: str, device: torch.device, gradient_checkpointing: bool = False):
-    """Policy weights in fp32 (master copy); bf16 compute comes from `autocast` on CUDA."""
+def load_model(name: str, device, dtype=torch.float32, attn_implementation="sdpa", gradient_checkpointing=False,
+               trainable=True):
+    """The causal LM `name` with fp32 weights, ready to train (or frozen, for a reference model), placed by `place`."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(name)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--model {name}: no model found as a local folder or hub id ({_first_line(e)})")
+    model = _from_pretrained(AutoModelForCausalLM, name, attn_implementation=attn_implementation)
     try:
         output_layer(model)
     except UserError as e:
         raise UserError(f"--model {name}: {e}")
-    model.to(device)
-    return prepare_for_training(model, gradient_checkpointing)
+    return place(prepare(model, gradient_checkpointing, trainable), device, dtype)
 
 
-def prepare_for_training(model, gradient_checkpointing: bool):
-    """Training mode (transformers' gradient checkpointing is active only then) with every dropout at 0: the
-    log-probs of an update must be those of the policy that sampled (TRL's disable_dropout does the same).
-    Every torch.nn.Linear then runs, on the CPU in fp32, through oneDNN's matmul (`linear`); elsewhere as before."""
-    model.train()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):  # attention modules read it as a float
-            module.attention_dropout = 0.0
-        if type(module) is torch.nn.Linear:  # on the CPU in fp32, through oneDNN (see `linear`)
-            module.forward = functools.partial(_linear_forward, module)
-    if gradient_checkpointing:  # transformers 5 renamed gradient_checkpointing_enable (kept, deprecated)
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
-        model.config.use_cache = False
-    return model
-
-
-def is_checkpointing(model) -> bool:
-    """Whether transformers' activation (gradient) checkpointing is on; transformers 5 renamed
-    is_gradient_checkpointing (kept, deprecated) to is_activation_checkpointing."""
-    checkpointing = getattr(model, "is_activation_checkpointing", None)
-    return getattr(model, "is_gradient_checkpointing", False) if checkpointing is None else checkpointing
-
-
-def _linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if ONEDNN and x.device.type == "cpu" and x.dtype == module.weight.dtype == torch.float32:
-        if torch.is_grad_enabled():
-            return _Linear.apply(x, module.weight, module.bias)
-        return linear(x, module.weight, module.bias)  # generation, no-grad passes: no autograd Function to run
-    return F.linear(x, module.weight, module.bias)
-
-
-class _Linear(torch.autograd.Function):
-    """F.linear with its three matmuls (forward, input gradient, weight gradient) through `linear` (oneDNN)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        y = linear(x.reshape(-1, x.shape[-1]), weight, bias)
-        return y.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
-        g, x = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
-        grad_x = linear(g, weight.t()).view(grad_y.shape[:-1] + (x.shape[-1],)) if ctx.needs_input_grad[0] else None
-        grad_weight = None
-        if ctx.needs_input_grad[1]:  # g.T @ x. oneDNN copies its first operand row-major: copy the smaller one
-            grad_weight = linear(x.t(), g.t()).t() if g.shape[1] > x.shape[1] else linear(g.t(), x.t())
-        grad_bias = g.sum(dim=0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias
-
-
-def load_reference(policy):
-    """The frozen reference: a copy of the initial policy. Scripts call this only when they need it."""
-    import copy
-
-    ref = copy.deepcopy(policy)
-    ref.eval()
-    ref.requires_grad_(False)
-    return ref
-
-
-def load_critic(name: str, device: torch.device, gradient_checkpointing: bool = False):
-    """PPO's value model: the backbone of `name` (the initial policy's weights) with a fresh scalar head,
-    one value per token (`AutoModelForTokenClassification`, num_labels=1), fp32 like `load_model`.
-
-    The head is zero-initialised, so every value starts at 0 (the return expected before any training
-    is unknown; 0 is a neutral start and the head's random init would only add noise), and its dropout
-    is set to 0 so the values used in GAE and in the value loss come from the same function.
-    """
+def load_critic(name: str, device, dtype=torch.float32, attn_implementation="sdpa", gradient_checkpointing=False):
+    """PPO's value model: the backbone of `name` with a scalar head giving one value per token, zero-initialised so
+    that every value starts at 0 (a neutral start: no return is known before training)."""
     from transformers import AutoConfig, AutoModelForTokenClassification
 
-    path = resolve_model_path(name)
     try:
-        config = AutoConfig.from_pretrained(path)
-        config.num_labels, config.classifier_dropout = 1, 0.0
-        critic = AutoModelForTokenClassification.from_pretrained(path, config=config, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(resolve_model_path(name), num_labels=1, classifier_dropout=0.0)
     except (OSError, ValueError) as e:
-        raise UserError(f"--model {name}: no token-classification (value) model for it ({_first_line(e)})")
+        raise UserError(f"--model {name}: no config found as a local folder or hub id ({_first_line(e)})")
+    critic = _from_pretrained(AutoModelForTokenClassification, name, config=config, attn_implementation=attn_implementation)
     head = critic.score if hasattr(critic, "score") else critic.classifier  # decoder LMs name it `score`
     torch.nn.init.zeros_(head.weight)
     if head.bias is not None:
         torch.nn.init.zeros_(head.bias)
-    critic.to(device)
-    return prepare_for_training(critic, gradient_checkpointing)
+    return place(prepare(critic, gradient_checkpointing, trainable=True), device, dtype)
+
+
+def _from_pretrained(cls, name: str, **kwargs):
+    """On the CPU, in fp32: each process loads there, and `place` moves only its shard to the accelerator."""
+    try:
+        return cls.from_pretrained(resolve_model_path(name), dtype=torch.float32, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {name}: no model found as a local folder or hub id ({_first_line(e)})")
+
+
+def prepare(model, gradient_checkpointing: bool, trainable: bool = True):
+    """Training mode with every dropout at 0 (as TRL's disable_dropout): the log-probs of an update are those of
+    the policy that sampled. transformers checkpoints activations in training mode only. Frozen: eval mode."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    if gradient_checkpointing and trainable:  # transformers 5 renamed gradient_checkpointing_enable
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    model.train(trainable)
+    return model.requires_grad_(trainable)
+
+
+def output_layer(model):
+    """The LM head, checked: a plain Linear whose output the model takes as its logits (log-probs here multiply by
+    its weight directly, so a softcap or scale applied after it would be lost)."""
+    lm_head = model.get_output_embeddings()
+    check(isinstance(lm_head, torch.nn.Linear),
+          f"{type(model).__name__}: output layer {type(lm_head).__name__}; only a plain torch.nn.Linear is supported")
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        value = getattr(model.config, name, None)
+        check(value in (None, 1, 1.0), f"{type(model).__name__}: {name}={value} changes the logits after the "
+              "output layer, which this project does not support")
+    return lm_head
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -273,7 +174,7 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Several processes (torchrun): FSDP2 sharding and reductions. In a single process all of it is a no-op.
+# Placement and several processes (torchrun): FSDP2 as torchtitan uses it
 # ----------------------------------------------------------------------------------------------
 
 
@@ -290,9 +191,8 @@ def rank() -> int:
 
 
 def init_distributed(device: torch.device) -> int:
-    """Under torchrun (RANK in the environment): join the process group, nccl on CUDA and gloo on the CPU,
-    with this process's GPU the LOCAL_RANK-th one; stdout is silenced on every rank but 0, so only rank 0
-    prints. Returns this process's rank (0 without torchrun)."""
+    """Under torchrun, join the process group (nccl on CUDA, gloo on the CPU) and silence stdout on every rank
+    but 0. Returns this process's rank (0 without torchrun)."""
     if "RANK" not in os.environ:
         return 0
     import torch.distributed as dist
@@ -311,33 +211,37 @@ def finish_distributed():
         dist.destroy_process_group()
 
 
-def shard_model(model):
-    """Under torchrun, FSDP2: `fully_shard` every decoder layer (the model's `_no_split_modules`), then the
-    root (embeddings, final norm, LM head). Each process then holds 1/world of every weight, gradient and
-    optimizer state; a forward all-gathers one layer at a time. Returns the model (unchanged without torchrun,
-    or for None)."""
-    if model is None or world_size() == 1:
-        return model
-    import types
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
 
+    return isinstance(model, FSDPModule)
+
+
+def place(model, device: torch.device, dtype: torch.dtype):
+    """One process in fp32: the model as it is, moved to `device`. Otherwise FSDP2's `fully_shard` on every decoder
+    layer, then on the root (embeddings, final norm, LM head): each process keeps 1/world of every fp32 weight,
+    gradient and AdamW state, a forward gathers one layer at a time in `dtype`, and gradients are reduced in fp32.
+    With one process in bf16 that is a process group of one: the same code path as on eight GPUs."""
+    if world_size() == 1 and dtype == torch.float32:
+        return model.to(device)
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    device = next(model.parameters()).device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
     mesh = init_device_mesh(device.type, (world_size(),))
-    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
-    check(bool(layer_classes), f"{type(model).__name__}: no _no_split_modules, so no decoder layers to shard")
-    for module in model.modules():
-        if type(module).__name__ in layer_classes:
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    # completion_logprobs and generate's decoding step call the backbone and the LM head directly, not
-    # model.forward: registered as forward methods, they get the root's all-gather before and its gradient
-    # reduce-scatter after
-    model.fsdp_completion_logprobs = types.MethodType(_completion_logprobs, model)
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    layers = set(getattr(model, "_no_split_modules", None) or [])
+    check(bool(layers), f"{type(model).__name__}: no _no_split_modules, so no decoder layers to shard")
+    for module in model.modules():  # fully_shard moves one module's shard at a time to the device
+        if type(module).__name__ in layers:
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    # completion_logprobs calls the backbone and the LM head itself: FSDP hooks it like model.forward
+    model.fsdp_completion_logprobs = _completion_logprobs.__get__(model)
     register_fsdp_forward_method(model, "fsdp_completion_logprobs")
-    model.fsdp_decode_step = types.MethodType(_decode_step, model)
-    register_fsdp_forward_method(model, "fsdp_decode_step")
     return model
 
 
@@ -353,15 +257,11 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return tensor
     import torch.distributed as dist
 
-    if op == "mean":
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor / world_size()
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM)
-    return tensor
+    return tensor / world_size() if op == "mean" else tensor
 
 
 def min_over_processes(value: int, device: torch.device) -> int:
-    """The smallest of the processes' values (the value itself in one process)."""
     return int(all_reduce(torch.tensor(value, device=device), "min"))
 
 
@@ -370,8 +270,13 @@ def mean_over_processes(metrics: dict) -> dict:
     if world_size() == 1:
         return metrics
     names = list(metrics)
-    values = all_reduce(torch.stack([_local(metrics[k]).float() for k in names]), "mean")
-    return dict(zip(names, values))
+    return dict(zip(names, all_reduce(torch.stack([_local(metrics[k]).float() for k in names]), "mean")))
+
+
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """True when every value is finite, on every process: one host sync for all of them."""
+    finite = torch.stack([torch.isfinite(_local(t)).all() for t in tensors]).all()
+    return bool(all_reduce(finite.float(), "min"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,88 +301,52 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def all_finite(*tensors: torch.Tensor) -> bool:
-    """True when every value is finite, on every process: one host sync for all of them."""
-    finite = torch.stack([torch.isfinite(_local(t)).all() for t in tensors]).all()
-    return bool(all_reduce(finite.float(), "min"))
-
-
 def checkpoints(save_dir: str | Path) -> list[Path]:
     """The complete checkpoints `step_N` (those holding a training state) in `save_dir`, oldest first."""
     found = [p for p in Path(save_dir).glob("step_*") if p.name[5:].isdigit() and (p / TRAINING_STATE).is_file()]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def _full_states(models: dict, optimizers: dict) -> tuple[dict, dict]:
-    """Model and optimizer state dicts, whole, for saving. Under torchrun every process takes part in the
-    gather and rank 0 gets the full (unsharded) tensors on the CPU; in a single process the model's own."""
-    if world_size() == 1:
-        return {name: None for name in models}, {name: opt.state_dict() for name, opt in optimizers.items()}
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_states = {name: get_model_state_dict(model, options=options) for name, model in models.items()}
-    optimizer_states = {
-        name: get_optimizer_state_dict(models[name], opt, options=options) for name, opt in optimizers.items()
-    }
-    return model_states, optimizer_states
-
-
-def save_training_state(
-    save_dir: str, step: int, script: str, tokenizer, models: dict, optimizers: dict, prompts, extra=None,
-    keep_last: int = 2,
-) -> Path:
+def save_training_state(save_dir, step: int, script: str, tokenizer, models: dict, optimizers: dict, prompts,
+                        extra=None, keep_last: int = 2) -> Path:
     """Write `save_dir/step_{step}`: every model in save_pretrained format (`policy` at the top, any other in a
-    subfolder of its name, e.g. `critic/`), the tokenizer, and training_state.pt (script, step, optimizer
-    states, the RNG states of every process, the prompt stream's position, and `extra`, a script's own
-    state). `optimizers` has the keys of `models`.
+    subfolder of its name), the tokenizer, and training_state.pt (script, step, optimizer states, every process's
+    RNG states, the prompt stream's position, `extra`). It is written to a temporary folder renamed into place at
+    the end, so a kill during a save leaves the previous checkpoints as they were; then the newest `keep_last`
+    are kept (0: all). Weights that are not finite are never written. Every process calls this; rank 0 writes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-    Everything goes to a temporary folder that is renamed into place at the end, so a kill during a save
-    leaves the previous checkpoints as they were. Then only the newest `keep_last` checkpoints are kept
-    (0: all). Weights that are not finite are never written. Under torchrun every process must call this;
-    rank 0 writes.
-    """
     local_weights = [getattr(p, "to_local", lambda p=p: p)() for m in models.values() for p in m.parameters()]
     check(all_finite(*local_weights), f"not saving step {step}: the weights hold NaN or inf")
-    model_states, optimizer_states = _full_states(models, optimizers)
-    rng = [rng_state()]
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered whole on rank 0
+    model_states = {name: get_model_state_dict(m, options=options) if is_sharded(m) else None
+                    for name, m in models.items()}
+    optimizer_states = {name: get_optimizer_state_dict(models[name], opt, options=options)
+                        if is_sharded(models[name]) else opt.state_dict() for name, opt in optimizers.items()}
+    rng = [None] * world_size()
     if world_size() > 1:
         import torch.distributed as dist
 
-        rng = [None] * world_size()
         dist.all_gather_object(rng, rng_state())
+    else:
+        rng = [rng_state()]
     path = Path(save_dir) / f"step_{step}"
     if rank() == 0:
-        tmp = path.with_name(path.name + ".tmp")
+        tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
         for name, model in models.items():
             model.save_pretrained(tmp if name == "policy" else tmp / name, state_dict=model_states[name])
         tokenizer.save_pretrained(tmp)
-        state = {
-            "script": script,
-            "step": step,
-            "world_size": world_size(),
-            "optimizers": optimizer_states,
-            "rng": rng,
-            "prompts": prompts.state_dict(),
-            "extra": extra or {},
-        }
+        state = {"script": script, "step": step, "world_size": world_size(), "optimizers": optimizer_states,
+                 "rng": rng, "prompts": prompts.state_dict(), "extra": extra or {}}
         torch.save(state, tmp / TRAINING_STATE)
         if path.exists():  # the same step saved again (a resumed run): swap, then drop the old one
-            old = path.with_name(path.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
             path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-        if keep_last:
-            for stale in checkpoints(save_dir)[:-keep_last]:
-                shutil.rmtree(stale)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+        for stale in checkpoints(save_dir)[:-keep_last] if keep_last else []:
+            shutil.rmtree(stale)
     if world_size() > 1:
         import torch.distributed as dist
 
@@ -497,45 +366,33 @@ def find_checkpoint(resume: str) -> Path:
 
 
 def load_training_state(resume: str, script: str, models: dict, optimizers: dict, prompts, save_dir=None):
-    """Restore what save_training_state wrote into the live objects: weights, optimizer states, the prompt
-    stream, and the RNG states last, so the next step draws what it would have drawn in an unbroken run.
-    Rows of `save_dir`/metrics.jsonl logged after the checkpoint's step are dropped (they will be logged
-    again). Under torchrun every process loads; the number of processes must be the one that saved.
-    Returns (step, extra).
-    """
+    """Restore what save_training_state wrote into the live objects: weights, optimizer states, the prompt stream,
+    and the RNG states last, so the next step draws what it would have drawn in an unbroken run. Rows of
+    metrics.jsonl logged after the checkpoint's step are dropped (they will be logged again). Every process loads;
+    the number of processes must be the one that saved. Returns (step, extra)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
     path = find_checkpoint(resume)
     try:
         state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
         raise UserError(f"--resume {path}: cannot read {TRAINING_STATE} ({_first_line(e)})")
-    check(
-        isinstance(state, dict) and state.get("script") == script,
-        f"--resume {path}: a checkpoint of {state.get('script') if isinstance(state, dict) else 'something else'},"
-        f" not of {script}",
-    )
-    check(
-        state["world_size"] == world_size(),
-        f"--resume {path}: saved by {state['world_size']} process(es), resumed with {world_size()}: use as many",
-    )
+    saved_by = state.get("script") if isinstance(state, dict) else "something else"
+    check(saved_by == script, f"--resume {path}: a checkpoint of {saved_by}, not of {script}")
+    check(state["world_size"] == world_size(),
+          f"--resume {path}: saved by {state['world_size']} process(es), resumed with {world_size()}: use as many")
     try:
         for name, model in models.items():
-            folder = path if name == "policy" else path / name
             # from_pretrained, then copy: it resolves tied weights and sharded files like any hub model
-            saved = type(model).from_pretrained(folder, dtype=next(model.parameters()).dtype).state_dict()
-            if world_size() == 1:
-                model.load_state_dict(saved)
-                optimizers[name].load_state_dict(state["optimizers"][name])
-            else:  # every process takes its shard of the full state dicts
-                from torch.distributed.checkpoint.state_dict import (
-                    StateDictOptions,
-                    set_model_state_dict,
-                    set_optimizer_state_dict,
-                )
-
+            weights = type(model).from_pretrained(path if name == "policy" else path / name, dtype=torch.float32)
+            if is_sharded(model):  # every process takes its shard of the full state dicts
                 options = StateDictOptions(full_state_dict=True)
-                set_model_state_dict(model, saved, options=options)
+                set_model_state_dict(model, weights.state_dict(), options=options)
                 set_optimizer_state_dict(model, optimizers[name], state["optimizers"][name], options=options)
-            del saved
+            else:
+                model.load_state_dict(weights.state_dict())
+                optimizers[name].load_state_dict(state["optimizers"][name])
+            del weights
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"--resume {path}: does not fit this model and these flags ({_first_line(e)})")
     prompts.load_state_dict(state["prompts"])
@@ -548,17 +405,16 @@ def load_training_state(resume: str, script: str, models: dict, optimizers: dict
     return state["step"], state["extra"]
 
 
-def append_metrics(save_dir: Optional[str], step: int, metrics: dict):
-    """One JSON line per step in `save_dir`/metrics.jsonl (nothing without --save-dir; rank 0 only)."""
+def log_metrics(save_dir: Optional[str], step: int, metrics: dict, track: bool = False):
+    """One JSON line per step in `save_dir`/metrics.jsonl, and Weights and Biases with --track (rank 0 only)."""
+    if track:
+        import wandb
+
+        wandb.log(metrics, step=step)
     if save_dir and rank() == 0:
         os.makedirs(save_dir, exist_ok=True)
         with open(Path(save_dir) / METRICS_FILE, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-
-
-def _first_line(e: Exception) -> str:
-    lines = [line for line in str(e).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -568,414 +424,186 @@ def _first_line(e: Exception) -> str:
 
 @dataclass
 class Rollout:
-    input_ids: torch.Tensor  # (B, P + T) left-padded prompt followed by the completion
-    attention_mask: torch.Tensor  # (B, P + T) 0 on left padding only
-    prompt_len: int  # P, the padded prompt width
-    completion_ids: torch.Tensor  # (B, T)
+    prompt_ids: torch.Tensor  # (B, P) left-padded prompts
+    prompt_mask: torch.Tensor  # (B, P) 0 on left padding
+    completion_ids: torch.Tensor  # (B, T) T = the longest completion; pad after each EOS
     completion_mask: torch.Tensor  # (B, T) float, 1 up to and including the first EOS
     lengths: torch.Tensor  # (B,) long, tokens per completion (EOS counted)
     truncated: torch.Tensor  # (B,) bool, no EOS within max_new_tokens
-    entropy: torch.Tensor  # (B, T) entropy of each token's sampling distribution (0 past the completion)
-    logprobs: torch.Tensor  # (B, T) log-prob of each token under its sampling distribution (0 past it; greedy: 0)
+    entropy: torch.Tensor  # (B, T) entropy of each token's sampling distribution, 0 past the completion
+
+    @property
+    def prompt_len(self) -> int:
+        return self.prompt_ids.shape[1]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, torch.ones_like(self.completion_ids)], dim=1)
+
+    def select(self, rows: torch.Tensor) -> Rollout:
+        """These rows, without the prompt columns that are padding in all of them, cut to their longest completion."""
+        prompt_mask = self.prompt_mask[rows]
+        start, width = torch.stack([prompt_mask.any(dim=0).int().argmax(), self.lengths[rows].max()]).tolist()
+        return Rollout(self.prompt_ids[rows, start:], prompt_mask[:, start:], self.completion_ids[rows, :width],
+                       self.completion_mask[rows, :width], self.lengths[rows], self.truncated[rows],
+                       self.entropy[rows, :width])
+
+    @staticmethod
+    def cat(rollouts: list[Rollout], pad_id: int) -> Rollout:
+        """Rollouts stacked (DAPO's generation rounds): prompts left-padded and completions right-padded to the widest."""
+        P, T = max(r.prompt_len for r in rollouts), max(r.completion_ids.shape[1] for r in rollouts)
+
+        def pad(x, width, value=0, left=False):
+            return F.pad(x, (width - x.shape[1], 0) if left else (0, width - x.shape[1]), value=value)
+
+        return Rollout(
+            torch.cat([pad(r.prompt_ids, P, pad_id, left=True) for r in rollouts]),
+            torch.cat([pad(r.prompt_mask, P, left=True) for r in rollouts]),
+            torch.cat([pad(r.completion_ids, T, pad_id) for r in rollouts]),
+            torch.cat([pad(r.completion_mask, T) for r in rollouts]),
+            torch.cat([r.lengths for r in rollouts]),
+            torch.cat([r.truncated for r in rollouts]),
+            torch.cat([pad(r.entropy, T) for r in rollouts]),
+        )
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]):
-    """Mask from positions: 1 up to and including the first EOS, all ones if there is none.
-
-    Never compares with the pad id, so pad == EOS still trains the EOS token.
-    Returns (mask float (B, T), lengths long (B,), truncated bool (B,)).
-    """
+    """Mask from positions: 1 up to and including the first EOS, all ones if there is none. Never compares with the
+    pad id, so pad == EOS still trains the EOS token. Returns (mask float (B, T), lengths (B,), truncated (B,))."""
     B, T = completion_ids.shape
     is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
     truncated = ~is_eos.any(dim=1)
     first_eos = torch.where(truncated, T - 1, is_eos.int().argmax(dim=1))  # argmax finds the first True
-    positions = torch.arange(T, device=completion_ids.device)
-    mask = (positions[None, :] <= first_eos[:, None]).float()
+    mask = (torch.arange(T, device=completion_ids.device)[None, :] <= first_eos[:, None]).float()
     return mask, first_eos + 1, truncated
 
 
 def format_prompt(tokenizer, prompt: str, use_chat_template: bool) -> str:
     if use_chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
     return prompt
 
 
+def _cache_kwarg(model) -> str:
+    """transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
-@torch.no_grad()
-def generate(
-    model,
-    tokenizer,
-    prompts: list[str],
-    group_size: int,
-    max_new_tokens: int,
-    temperature: float,
-    eos_ids: list[int],
-    greedy: bool = False,
-) -> Rollout:
+def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int, temperature: float,
+             eos_ids: list[int], greedy: bool = False) -> Rollout:
     """Sample `group_size` completions per prompt, each prompt's completions contiguous (row i*G + j).
 
-    A plain decoding loop over the model's KV cache. Each token is an exact sample of softmax(logits / T)
-    (inverse-CDF sampling in float64), with no top-k, top-p or repetition penalty from the model's generation
-    config: the log-probs computed later are those of the distribution that sampled. `greedy` takes the argmax.
-    After its EOS a row gets pad tokens; the loop stops once every row has ended (under torchrun, every
-    process's). The entropy of each sampling distribution (the `policy/entropy` metric) and the log-prob of each
-    sampled token are recorded: on-policy they are the update's values (completion_logprobs).
+    A plain decoding loop over the KV cache: each token is a sample of softmax(logits / T) (`greedy`: the argmax),
+    with none of the model's top-k, top-p or repetition penalty, so the log-probs computed later are those of the
+    distribution that sampled. It stops once every row has ended (under torchrun, every process's rows).
     """
+    from transformers import DynamicCache
+
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    input_ids = enc.input_ids.repeat_interleave(group_size, dim=0)
-    attention_mask = enc.attention_mask.repeat_interleave(group_size, dim=0)
-    B, P = input_ids.shape
-    completion_ids = input_ids.new_full((B, max_new_tokens), tokenizer.pad_token_id)
-    entropy = torch.zeros(B, max_new_tokens, device=device)
-    logprobs = torch.zeros(B, max_new_tokens, device=device)
-    eos = torch.tensor(eos_ids, device=device)
-    ended = torch.zeros(B, dtype=torch.bool, device=device)
-    prompt_positions = (enc.attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding does not shift them
-    position_ids = prompt_positions.repeat_interleave(group_size, dim=0)
-    step_mask, cdf = attention_mask, None
+    B = len(prompts) * group_size
+    positions = (enc.attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding does not shift them
+    cache = DynamicCache(config=model.config)  # filled in place by every forward
+    forward = functools.partial(model, use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): cache})
+    eos, ended = torch.tensor(eos_ids, device=device), torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, entropies = [], []
     was_training = model.training
     model.eval()
-    if hasattr(model, "fsdp_decode_step"):  # sharded by shard_model: the same code, as an FSDP forward
-        decode_step = model.fsdp_decode_step
-    else:
-        decode_step = functools.partial(_decode_step, model)
-    with autocast(device):
-        # the G completions of a prompt share it: each prompt runs through the model once, then its KV cache
-        # and its last logits are repeated G times (rows i*G + j)
-        cache, logits = decode_step(enc.input_ids, enc.attention_mask, prompt_positions, None)
+    if is_sharded(model):  # gather each layer once for the whole rollout, not once per token
+        model.set_reshard_after_forward(False)
+    try:
+        # the G completions of a prompt share it: it runs through the model once, then its KV cache is repeated
+        logits = forward(input_ids=enc.input_ids, attention_mask=enc.attention_mask, position_ids=positions).logits
         cache.batch_repeat_interleave(group_size)
-        logits = logits.repeat_interleave(group_size, dim=0)
-        for t in range(max_new_tokens):
-            if t > 0:
-                cache, logits = decode_step(step_ids, step_mask, position_ids, cache)
+        logits = logits[:, -1].float().repeat_interleave(group_size, dim=0)
+        mask = enc.attention_mask.repeat_interleave(group_size, dim=0)
+        position = positions[:, -1:].repeat_interleave(group_size, dim=0)
+        for _ in range(max_new_tokens):
             if greedy:
                 token = logits.argmax(dim=-1)
             else:
                 log_probs = torch.log_softmax(logits / temperature, dim=-1)
-                probs = log_probs.exp()
-                entropy[:, t] = -(probs * log_probs).sum(dim=-1)
-                # Inverse CDF: the first token whose cumulative probability exceeds u ~ U[0, total). The running
-                # sum is float64: in float32 each of the ~150k additions could misplace up to 3e-8 of mass.
-                # (One uniform per row; Gumbel-max needs one per vocabulary entry, 5x slower here on the CPU.)
-                if cdf is None:
-                    cdf = torch.empty(logits.shape, dtype=torch.float64, device=device)
-                torch.cumsum(probs, dim=-1, dtype=torch.float64, out=cdf)
-                u = torch.rand(B, 1, dtype=torch.float64, device=device) * cdf[:, -1:]
-                token = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
-                logprobs[:, t] = log_probs.gather(1, token[:, None]).squeeze(1)
+                entropies.append(-(log_probs.exp() * log_probs).sum(dim=-1))
+                token = torch.multinomial(log_probs.exp(), 1).squeeze(1)
             token = token.masked_fill(ended, tokenizer.pad_token_id)
-            completion_ids[:, t] = token
+            tokens.append(token)
             ended |= torch.isin(token, eos)
-            # one host sync per token to know whether to stop (every process must run as many forward passes)
-            if min_over_processes(int(ended.all()), device):
+            if min_over_processes(int(ended.all()), device):  # a host sync per token; processes stop together
                 break
-            step_ids = token[:, None]
-            step_mask = torch.cat([step_mask, step_mask.new_ones(B, 1)], dim=1)
-            position_ids = position_ids[:, -1:] + 1
-    model.train(was_training)
-    del cache, cdf  # the KV cache is freed before any training pass
+            mask, position = torch.cat([mask, mask.new_ones(B, 1)], dim=1), position + 1
+            logits = forward(input_ids=token[:, None], attention_mask=mask, position_ids=position).logits[:, -1].float()
+    finally:
+        if is_sharded(model):  # back to resharding the layers after each forward, the root kept whole
+            model.set_reshard_after_forward(True)
+            model.set_reshard_after_forward(False, recurse=False)
+            for module in model.modules():
+                if is_sharded(module):
+                    module.reshard()
+        model.train(was_training)
+    completion_ids = torch.stack(tokens, dim=1)
     mask, lengths, truncated = completion_mask(completion_ids, eos_ids)
-    full_ids = torch.cat([input_ids, completion_ids], dim=1)
-    full_attention = torch.cat([attention_mask, torch.ones_like(completion_ids)], dim=1)
-    return Rollout(
-        full_ids, full_attention, P, completion_ids, mask, lengths, truncated, entropy * mask, logprobs * mask
-    )
+    entropy = torch.stack(entropies, dim=1) * mask if entropies else torch.zeros_like(mask)
+    rollout = Rollout(enc.input_ids.repeat_interleave(group_size, dim=0), enc.attention_mask.repeat_interleave(
+        group_size, dim=0), completion_ids, mask, lengths, truncated, entropy)
+    return rollout.select(torch.arange(B, device=device))  # as wide as this process's longest completion
 
 
-def output_layer(model):
-    """The LM head, checked: a plain Linear whose output the model takes as its logits unchanged (log-probs and
-    sampling here multiply by its weight directly, so a softcap or scale in the model's forward would be lost)."""
-    lm_head = model.get_output_embeddings()
-    check(isinstance(lm_head, torch.nn.Linear),
-          f"{type(model).__name__}: output layer {type(lm_head).__name__}; only a plain torch.nn.Linear is supported")
-    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        value = getattr(model.config, name, None)
-        check(value in (None, 1, 1.0), f"{type(model).__name__}: {name}={value} changes the logits after the "
-              "output layer, which this project does not support")
-    return lm_head
+def completion_logprobs(model, rollout: Rollout, temperature: float, with_entropy: bool = False,
+                        chunk_size: int = 512):
+    """Log-prob of every completion token under `model` at the sampling temperature, (B, T) in fp32, and with
+    `with_entropy` the entropy of softmax(logits / temperature) at each token (else None).
 
-
-def _decode_step(model, input_ids, attention_mask, position_ids, cache):
-    """The backbone over the new tokens (extending the KV cache `cache`), then the logits of the last position
-    only, in float32, through `linear` (on the CPU in fp32: oneDNN's matmul, as in completion_logprobs)."""
-    out = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
-        use_cache=True,
-    )
-    lm_head = output_layer(model)
-    logits = linear(out.last_hidden_state[:, -1], lm_head.weight)
-    if lm_head.bias is not None:
-        logits = logits + lm_head.bias
-    return out.past_key_values, logits.float()
-
-
-def _compute_dtype(device: torch.device, weight: torch.Tensor) -> torch.dtype:
-    """The dtype `autocast` would multiply in (bf16 on CUDA); the weight's own dtype otherwise."""
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
-
-
-def _chunk_logits(hidden, weight, bias, temperature):
-    """(hidden @ weight.T + bias) / temperature, in float32 (or wider): a fresh tensor, modified in place after."""
-    z = linear(hidden, weight)
-    z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
-    if bias is not None:
-        z += bias
-    return z.div_(temperature)
-
-
-def _grad_logit_chunks(hidden, weight, bias, targets, temperature, chunk_size, dtype, g_logp, g_entropy):
-    """Recompute z = logits / T chunk by chunk and turn it, in place, into dL/dlogits for upstream gradients
-    g_logp, g_entropy (already divided by T: dz / dlogits = 1 / T). Yields (rows, hidden rows, weight, dL/dlogits)
-    in the compute dtype, for the caller's matmuls. tests/test_rollout.py checks by hand and with gradcheck:
-      d logp / dz_j = [j = target] - p_j
-      d H / dz_j    = -p_j (log p_j + H)          (H = -sum_j p_j log p_j)
+    The backbone runs once; the LM head runs on `chunk_size` completion tokens at a time, each chunk under
+    activation checkpointing, so the (B, T, vocab) fp32 logits never exist at once, in the forward or backward.
     """
-    w = weight.to(dtype)  # cast once, not per chunk (a no-op in fp32)
-    for start in range(0, hidden.shape[0], chunk_size):
-        rows = slice(start, min(start + chunk_size, hidden.shape[0]))
-        h = hidden[rows].to(dtype)
-        p = None
-        d = _chunk_logits(h, w, bias, temperature)
-        d.sub_(d.amax(dim=1, keepdim=True))  # z - max
-        if g_entropy is None:
-            d.exp_()
-            d.mul_(-g_logp[rows, None] / d.sum(dim=1, keepdim=True))  # -g p
-        else:
-            p = d.exp()
-            total = p.sum(dim=1, keepdim=True)
-            entropy = total.log() - (p[:, None, :] @ d[:, :, None]).view(-1, 1) / total
-            p.div_(total)
-            d.sub_(total.log())  # log p
-            d.add_(entropy).mul_(-g_entropy[rows, None]).sub_(g_logp[rows, None]).mul_(p)  # -p (g + g_H (log p + H))
-        d.scatter_add_(1, targets[rows, None], g_logp[rows, None])  # + g [j = target]
-        yield rows, h, w, d
-        del h, d, p  # before the next chunk's logits exist (the caller drops its own reference too)
+    forward = getattr(model, "fsdp_completion_logprobs", None) or functools.partial(_completion_logprobs, model)
+    return forward(rollout.input_ids, rollout.attention_mask, rollout.prompt_len, temperature, with_entropy, chunk_size)
 
 
-def _add_weight_grad(grad_weight, d, h, first: bool):
-    """grad_weight (+)= d.T @ h, in place (addmm_: no vocabulary x hidden temporary); the first chunk overwrites."""
-    if d.dtype == h.dtype == grad_weight.dtype:
-        grad_weight.addmm_(d.t(), h, beta=0 if first else 1)
-    else:
-        partial = (d.to(h.dtype).t() @ h).to(grad_weight.dtype)
-        grad_weight.copy_(partial) if first else grad_weight.add_(partial)
-
-
-class _TokenLogprobs(torch.autograd.Function):
-    """log softmax(z)[target], z = (hidden @ W.T + b) / T, for N tokens, and optionally the entropy of softmax(z),
-    `chunk_size` tokens of logits at a time.
-
-    Nothing logits-sized is kept: the backward recomputes each chunk's z and turns it into dL/dlogits in place
-    (_grad_logit_chunks); the weight gradient accumulates with addmm_. (Autograd's own version, checkpointing
-    each chunk, allocates a fresh logits-sized tensor for nearly every op and a vocabulary x hidden weight
-    gradient per chunk.) With `values` = (logp, entropy) the forward returns those instead of computing them
-    (see completion_logprobs). With `tie` (a dict shared with _TiedEmbedding: the input embedding is this
-    weight) the weight gradient is left to the embedding's backward, which runs after the backbone's.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, with_entropy, values, tie):
-        dtype = _compute_dtype(hidden.device, weight)
-        float_dtype = torch.promote_types(dtype, torch.float32)  # the softmax runs in fp32 at least
-        ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.temperature, ctx.chunk_size, ctx.dtype, ctx.tie = temperature, chunk_size, dtype, tie
-        N = hidden.shape[0]
-        if values is not None:
-            logp = values[0].reshape(N).to(float_dtype, copy=True)
-            return (logp, values[1].reshape(N).to(float_dtype, copy=True)) if with_entropy else logp
-        logp = hidden.new_empty(N, dtype=float_dtype)
-        entropy = torch.empty_like(logp) if with_entropy else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)  # cast once, not per chunk (a no-op in fp32)
-            for start in range(0, N, chunk_size):
-                rows = slice(start, min(start + chunk_size, N))
-                z = _chunk_logits(hidden[rows].to(dtype), w, bias, temperature)
-                target_z = z.gather(1, targets[rows, None]).squeeze(1)
-                z_max = z.amax(dim=1, keepdim=True)
-                z.sub_(z_max)  # exp cannot overflow
-                q = z.exp() if with_entropy else z.exp_()
-                total = q.sum(dim=1)
-                if with_entropy:  # H = log(total) - sum q (z - max) / total, with q = exp(z - max)
-                    entropy[rows] = total.log() - (q[:, None, :] @ z[:, :, None]).flatten() / total
-                logp[rows] = target_z - z_max.squeeze(1) - total.log()
-                del z, q  # one chunk of logits alive at a time, not two
-        return (logp, entropy) if with_entropy else logp
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy=None):
-        hidden, weight, bias, targets = ctx.saved_tensors
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        T = ctx.temperature
-        chunks = dict(hidden=hidden, weight=weight, bias=bias, targets=targets, temperature=T,
-                      chunk_size=ctx.chunk_size, dtype=ctx.dtype, g_logp=grad_logp / T,
-                      g_entropy=None if grad_entropy is None else grad_entropy / T)
-        # tied: the embedding's backward computes the weight gradient once the backbone's activations are freed,
-        # at the price of recomputing the logits once more (measured: 0.2 GiB less at the peak on Qwen2.5-0.5B's
-        # shapes with 2 layers; on a deep model up to the activation memory or this gradient's size, the smaller)
-        defer = ctx.tie is not None and need_weight
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.empty_like(weight) if need_weight and not defer else None
-        grad_bias = torch.zeros_like(bias) if need_bias else None
-        if need_hidden or grad_weight is not None or need_bias:
-            with torch.autocast(hidden.device.type, enabled=False):
-                for rows, h, w, d in _grad_logit_chunks(**chunks):
-                    if need_hidden:
-                        grad_hidden[rows] = linear(d.to(w.dtype), w.t()).to(hidden.dtype)  # d @ W
-                    if grad_weight is not None:
-                        _add_weight_grad(grad_weight, d, h, first=rows.start == 0)
-                    if need_bias:
-                        grad_bias += d.sum(dim=0).to(grad_bias.dtype)
-                    del d  # one chunk of logits alive at a time, not two
-        if defer:
-            ctx.tie["chunks"] = chunks
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
-
-
-class _TiedEmbedding(torch.autograd.Function):
-    """F.embedding(input_ids, weight, padding_idx) for an input embedding tied to the output projection.
-
-    Its backward returns the weight's whole gradient: the projection's, which _TokenLogprobs leaves to it in
-    `tie` (this lookup feeds the whole backbone, so its backward runs last, after the backbone's activations are
-    freed), plus its own rows, added in place. Autograd would otherwise also build a dense vocabulary x hidden
-    gradient for the few hundred looked-up rows and add the two.
-    """
-
-    @staticmethod
-    def forward(ctx, input_ids, weight, padding_idx, tie):
-        ctx.save_for_backward(input_ids)
-        ctx.padding_idx, ctx.tie, ctx.weight_shape, ctx.weight_dtype = padding_idx, tie, weight.shape, weight.dtype
-        return F.embedding(input_ids, weight, padding_idx)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (input_ids,) = ctx.saved_tensors
-        ids, grad_rows = input_ids.reshape(-1), grad_output.reshape(-1, grad_output.shape[-1])
-        if ctx.padding_idx is not None:  # as F.embedding: the padding row gets no gradient
-            keep = ids != ctx.padding_idx
-            ids, grad_rows = ids[keep], grad_rows[keep]
-        chunks = ctx.tie.pop("chunks", None)
-        grad_bytes = math.prod(ctx.weight_shape) * ctx.weight_dtype.itemsize
-        if grad_output.device.type == "cpu" and grad_bytes >= MMAP_THRESHOLD:
-            # the backbone's activations were just freed and this gradient will be mapped fresh: return the freed
-            # heap first (measured: 0.17 GiB off the qwen-shape benchmark's peak)
-            return_freed_cpu_memory()
-        if chunks is None:  # the log-probs were not part of the loss
-            grad_weight = grad_output.new_zeros(ctx.weight_shape, dtype=ctx.weight_dtype)
-        else:
-            grad_weight = grad_output.new_empty(ctx.weight_shape, dtype=ctx.weight_dtype)  # the first chunk writes
-            # a quarter of the chunk: this pass runs at the step's memory peak, and addmm_ keeps its rate at
-            # a quarter of the rows (measured: 191 vs 195 GFLOP/s on Qwen2.5-0.5B's shapes)
-            chunks["chunk_size"] = max(1, chunks["chunk_size"] // 4)
-            with torch.autocast(grad_output.device.type, enabled=False):
-                for rows, h, w, d in _grad_logit_chunks(**chunks):
-                    _add_weight_grad(grad_weight, d, h, first=rows.start == 0)
-                    del d  # one chunk of logits alive at a time, not two
-        grad_weight.index_add_(0, ids, grad_rows.to(grad_weight.dtype))
-        return None, grad_weight, None, None
-
-
-def completion_logprobs(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    prompt_len: int,
-    temperature: float,
-    chunk_size: Optional[int] = None,
-    with_entropy: bool = False,
-    values: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-):
-    """Log-prob of every completion token under `model` at the sampling temperature, shape (B, T).
-
-    The backbone runs once; the vocabulary projection runs over completion positions only, `chunk_size`
-    tokens at a time (default: 2^25 logits' worth, 128 MB in fp32), so the (B, T, vocab) float32 logits never
-    exist at once. With gradients on, each chunk's logits are recomputed in the backward pass instead of kept
-    (_TokenLogprobs). With `with_entropy`, also returns the entropy of softmax(logits / temperature) per
-    token, computed from the same logits (and carrying gradient when gradients are on); otherwise None.
-
-    `values` = (logp, entropy) of these very tokens under these very weights, already computed: on-policy, the
-    sampler's (Rollout.logprobs, Rollout.entropy). They are returned as the values, and the projection runs only
-    in the backward pass, for the gradient, which is that of the full computation at the current weights.
-    """
-    if hasattr(model, "fsdp_completion_logprobs"):  # sharded by shard_model: the same code, as an FSDP forward
-        forward = model.fsdp_completion_logprobs
-    else:
-        forward = functools.partial(_completion_logprobs, model)
-    return forward(input_ids, attention_mask, prompt_len, temperature, chunk_size, with_entropy, values)
-
-
-def _prompt_group_sizes(model, input_ids, attention_mask, prompt_len) -> Optional[torch.Tensor]:
-    """Sizes of the runs of consecutive rows that share a prompt (`generate` puts a group's rows together), or
-    None when no two neighbouring rows share one, when there is no completion position to run after the prompt,
-    or under gradient checkpointing (which turns the KV cache off). A sharded model (shard_model) shares only
-    when every process does: each backbone call all-gathers the weights, so all must make the same calls."""
-    sizes = None
-    if input_ids.shape[1] > prompt_len and not is_checkpointing(model):
-        ids, mask = input_ids[:, :prompt_len], attention_mask[:, :prompt_len]
-        new_prompt = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
-        new_prompt[1:] = ((ids[1:] != ids[:-1]) | (mask[1:] != mask[:-1])).any(dim=1)
-        first = new_prompt.nonzero().squeeze(1)
-        if len(first) < ids.shape[0]:
-            sizes = torch.diff(first, append=first.new_tensor([ids.shape[0]]))
-    if hasattr(model, "fsdp_completion_logprobs") and not min_over_processes(sizes is not None, input_ids.device):
-        return None
-    return sizes
-
-
-def _completion_logprobs(model, input_ids, attention_mask, prompt_len, temperature, chunk_size, with_entropy,
-                         values=None):
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # same positions as `generate` used
-    device = input_ids.device
+def _completion_logprobs(model, input_ids, attention_mask, prompt_len, temperature, with_entropy, chunk_size):
+    positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # the positions `generate` used
+    # position P - 1 + t predicts completion token t; the last position predicts nothing
+    hidden = model.base_model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                              position_ids=positions[:, :-1], use_cache=False).last_hidden_state[:, prompt_len - 1 :]
     targets = input_ids[:, prompt_len:]
-    # position p predicts token p + 1: completion token t is predicted from position P - 1 + t, and the last
-    # position predicts nothing, so the backbone runs without it
-    input_ids, attention_mask, position_ids = input_ids[:, :-1], attention_mask[:, :-1], position_ids[:, :-1]
-    lm_head, embeddings = output_layer(model), model.get_input_embeddings()
-    tie = None
-    if (torch.is_grad_enabled() and lm_head.weight.requires_grad and embeddings.weight is lm_head.weight
-            and type(embeddings) is torch.nn.Embedding and embeddings.max_norm is None
-            and not embeddings.scale_grad_by_freq and not embeddings.sparse):
-        tie = {}
-        inputs_embeds = _TiedEmbedding.apply(input_ids, embeddings.weight, embeddings.padding_idx, tie)
-    else:
-        inputs_embeds = embeddings(input_ids)
-    with autocast(device):
-        group_sizes = _prompt_group_sizes(model, input_ids, attention_mask, prompt_len)
-        if group_sizes is None:
-            hidden = model.base_model(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=False,
-            ).last_hidden_state[:, prompt_len - 1 :]
-        else:
-            # each distinct prompt runs through the backbone once, as in `generate`: its KV cache and its last
-            # hidden state are repeated over the rows that share it (the gradients of the copies add up)
-            first = torch.cumsum(group_sizes, 0) - group_sizes
-            prompt = model.base_model(
-                inputs_embeds=inputs_embeds[first, :prompt_len], attention_mask=attention_mask[first, :prompt_len],
-                position_ids=position_ids[first, :prompt_len], use_cache=True,
-            )
-            cache = prompt.past_key_values
-            cache.batch_repeat_interleave(group_sizes)
-            completion = model.base_model(
-                inputs_embeds=inputs_embeds[:, prompt_len:], attention_mask=attention_mask,
-                position_ids=position_ids[:, prompt_len:], past_key_values=cache, use_cache=True,
-            )
-            last_prompt = prompt.last_hidden_state[:, -1:].repeat_interleave(group_sizes, dim=0)
-            hidden = torch.cat([last_prompt, completion.last_hidden_state], dim=1)
+    lm_head = output_layer(model)
     B, T, H = hidden.shape
-    chunk_size = chunk_size or max(1, 2**25 // lm_head.weight.shape[0])
-    with autocast(device):
-        out = _TokenLogprobs.apply(
-            hidden.reshape(B * T, H), lm_head.weight, lm_head.bias, targets.reshape(B * T),
-            temperature, chunk_size, with_entropy, values, tie,
-        )
-    logp, entropy = out if with_entropy else (out, None)
+    chunks = zip(hidden.reshape(B * T, H).split(chunk_size), targets.reshape(B * T).split(chunk_size))
+    args = (lm_head.weight, lm_head.bias, temperature, with_entropy)
+    if torch.is_grad_enabled():  # the backward recomputes each chunk's logits rather than keeping them
+        outs = [checkpoint(_token_logprobs, h, y, *args, use_reentrant=False) for h, y in chunks]
+    else:
+        outs = [_token_logprobs(h, y, *args) for h, y in chunks]
     # new tensors, not views: FSDP2 hooks the outputs of a forward for the backward pass
-    logp = logp.view(B, T).clone()
-    entropy = entropy.view(B, T).clone() if with_entropy else None
-    return logp, entropy
+    logp = torch.cat([out[0] for out in outs]).view(B, T).clone()
+    return logp, torch.cat([out[1] for out in outs]).view(B, T).clone() if with_entropy else None
+
+
+def _token_logprobs(hidden, targets, weight, bias, temperature, with_entropy):
+    """log softmax(logits / T)[target] and the entropy, for one chunk of tokens, in fp32."""
+    log_probs = torch.log_softmax(F.linear(hidden, weight, bias).float() / temperature, dim=-1)
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1) if with_entropy else None
+    return log_probs.gather(1, targets[:, None]).squeeze(1), entropy
+
+
+def per_micro_batch(fn: Callable[[Rollout], torch.Tensor], rollout: Rollout, micro_batch_size: int) -> torch.Tensor:
+    """fn on `micro_batch_size` rows at a time (each cut by Rollout.select), right-padded with 0 to the rollout's
+    width and stacked: (B, T). No forward sees more rows than that."""
+    T = rollout.completion_ids.shape[1]
+    rows = torch.arange(len(rollout.lengths), device=rollout.lengths.device).split(micro_batch_size)
+    return torch.cat([F.pad(out, (0, T - out.shape[1])) for out in (fn(rollout.select(r)) for r in rows)])
+
+
+@torch.no_grad()
+def rollout_logprobs(model, rollout: Rollout, temperature: float, micro_batch_size: int) -> torch.Tensor:
+    """completion_logprobs of a whole rollout, without gradients, `micro_batch_size` rows per forward: (B, T)."""
+    return per_micro_batch(lambda part: completion_logprobs(model, part, temperature)[0], rollout, micro_batch_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1183,22 +811,24 @@ def countdown_task(num_train: int = 20000, num_eval: int = 200) -> Task:
 GSM8K_PROMPT = "{question}\nSolve it step by step, then give the final number in <answer> </answer> tags."
 
 
-def gsm8k_task(num_eval: int = 500) -> Task:
-    """GSM8K (openai/gsm8k, main): train split for training, the first `num_eval` test rows held out."""
+def gsm8k_task(path: Optional[str] = None, num_eval: int = 500) -> Task:
+    """GSM8K: openai/gsm8k (main) through `datasets`, the train split for training and the first `num_eval` test
+    rows held out; or, from `path`, a jsonl file of rows in GSM8K's own format ({"question", "answer"}), 10% held
+    out. The reference is the number after '####'."""
+    def row(r):
+        return {"prompt": GSM8K_PROMPT.format(question=r["question"]), "answer": gsm8k_reference(r["answer"])}
+
+    if path is not None:
+        train, held_out = split_rows([row(r) for r in read_jsonl(path, "gsm8k", ("question", "answer"))])
+        return Task(f"gsm8k:{path}", train, held_out, numeric_reward, True)
     try:
         from datasets import load_dataset
 
         data = load_dataset("openai/gsm8k", "main")
     except Exception as e:  # no network, no cache: say so in one line
         raise UserError(f"--task gsm8k: could not load openai/gsm8k with `datasets` ({_first_line(e)})")
-
-    def rows(split):
-        return [
-            {"prompt": GSM8K_PROMPT.format(question=r["question"]), "answer": gsm8k_reference(r["answer"])}
-            for r in split
-        ]
-
-    return Task("gsm8k", rows(data["train"]), rows(data["test"])[:num_eval], numeric_reward, True)
+    return Task("gsm8k", [row(r) for r in data["train"]], [row(r) for r in data["test"]][:num_eval], numeric_reward,
+                True)
 
 
 def gsm8k_reference(solution: str) -> str:
@@ -1206,32 +836,41 @@ def gsm8k_reference(solution: str) -> str:
     return solution.split("####")[-1].strip().replace(",", "")
 
 
-def jsonl_task(path: str) -> Task:
-    """Rows {"prompt": ..., "answer": ...}; a fixed 10% (at least one row) is held out."""
-    file = Path(path)
-    check(file.is_file(), f"--task jsonl:{path}: file not found")
+def read_jsonl(path: str, task: str, keys: tuple[str, ...]) -> list[dict]:
+    """The rows of a jsonl file, each a dict holding `keys` (blank lines skipped); bad input is a UserError."""
+    check(Path(path).is_file(), f"--task {task}:{path}: file not found")
     rows = []
-    with open(file, "rb") as f:
+    with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
                 row = json.loads(line) if line.strip() else None
             except ValueError:  # bad UTF-8, bad JSON, or an integer too long to convert
-                raise UserError(f"--task jsonl:{path}: line {number} is not valid JSON in UTF-8")
-            if row is None:
-                continue
-            check(
-                isinstance(row, dict) and "prompt" in row and "answer" in row,
-                f"--task jsonl:{path}: line {number} needs both 'prompt' and 'answer'",
-            )
-            rows.append({"prompt": str(row["prompt"]), "answer": str(row["answer"])})
-    check(len(rows) >= 2, f"--task jsonl:{path}: needs at least 2 rows (one is held out), found {len(rows)}")
+                raise UserError(f"--task {task}:{path}: line {number} is not valid JSON in UTF-8")
+            if row is not None:
+                check(isinstance(row, dict) and all(k in row for k in keys),
+                      f"--task {task}:{path}: line {number} needs both {' and '.join(repr(k) for k in keys)}")
+                rows.append(row)
+    check(len(rows) >= 2, f"--task {task}:{path}: needs at least 2 rows (one is held out), found {len(rows)}")
+    return rows
+
+
+def split_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(train, held out): a fixed 10% of the rows (at least one) is held out."""
+    rows = rows[:]
     random.Random(0).shuffle(rows)
     num_eval = max(1, len(rows) // 10)
-    return Task(f"jsonl:{path}", rows[num_eval:], rows[:num_eval], exact_reward, True)
+    return rows[num_eval:], rows[:num_eval]
 
 
-TASKS = "arithmetic, countdown, gsm8k, jsonl:PATH"
+def jsonl_task(path: str) -> Task:
+    """Your own rows {"prompt": ..., "answer": ...}; a fixed 10% (at least one row) is held out."""
+    rows = [{"prompt": str(r["prompt"]), "answer": str(r["answer"])} for r in read_jsonl(path, "jsonl", ("prompt", "answer"))]
+    train, held_out = split_rows(rows)
+    return Task(f"jsonl:{path}", train, held_out, exact_reward, True)
+
+
+TASKS = "arithmetic, countdown, gsm8k, gsm8k:PATH, jsonl:PATH"
 
 
 def load_task(name: str) -> Task:
@@ -1239,8 +878,8 @@ def load_task(name: str) -> Task:
         return arithmetic_task()
     if name == "countdown":
         return countdown_task()
-    if name == "gsm8k":
-        return gsm8k_task()
+    if name == "gsm8k" or name.startswith("gsm8k:"):
+        return gsm8k_task(name[len("gsm8k:") :] or None)
     if name.startswith("jsonl:"):
         return jsonl_task(name[len("jsonl:") :])
     raise UserError(f"--task {name}: unknown task; choose one of {TASKS}")
@@ -1261,29 +900,23 @@ def decode_completions(tokenizer, rollout: Rollout) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, task: Task, max_new_tokens: int, eos_ids: list[int], batch_size: int = 64):
-    """Greedy accuracy on the fixed held-out rows. Returns (accuracy, [(prompt, completion, reward)]).
-
-    The RNG states are restored afterwards, so evaluating (how often, or once more after a resume) never
-    changes what training samples. Under torchrun each process evaluates its share of the rows (padded to
-    equal shares with rows that do not count) and the accuracy is summed over processes; the samples are
-    this process's.
-    """
+def evaluate(model, tokenizer, task: Task, max_new_tokens: int, eos_ids: list[int], batch_size: Optional[int] = None):
+    """Greedy accuracy on the fixed held-out rows, `batch_size` prompts per generation (None: all at once).
+    Returns (accuracy, [(prompt, completion, reward)]). Greedy decoding draws no random numbers, so evaluating never
+    changes what training samples. Under torchrun each process evaluates an equal share (padded with rows that do
+    not count) and the accuracy is summed over processes; the samples are this process's."""
     per_process = math.ceil(len(task.eval) / world_size())
     rows = task.eval[rank() * per_process : (rank() + 1) * per_process]
-    counts = [1.0] * len(rows) + [0.0] * (per_process - len(rows))
+    counts = torch.tensor([1.0] * len(rows) + [0.0] * (per_process - len(rows)))
     rows = rows + [task.eval[0]] * (per_process - len(rows))
     rewards, samples = [], []
-    cuda = [torch.cuda.current_device()] if model.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            prompts = [format_prompt(tokenizer, r["prompt"], task.use_chat_template) for r in batch]
-            rollout = generate(model, tokenizer, prompts, 1, max_new_tokens, 1.0, eos_ids, greedy=True)
-            completions = decode_completions(tokenizer, rollout)
-            batch_rewards = score(task, completions, batch, 1)
-            rewards.append(batch_rewards)
-            samples += [(r["prompt"], c, float(x)) for r, c, x in zip(batch, completions, batch_rewards)]
-    correct = (torch.cat(rewards).eq(1.0).float() * torch.tensor(counts)).sum()
-    accuracy = all_reduce(correct.to(model.device), "sum").item() / len(task.eval)
-    return accuracy, samples[: sum(int(c) for c in counts)]
+    for start in range(0, len(rows), batch_size or len(rows)):
+        batch = rows[start : start + (batch_size or len(rows))]
+        prompts = [format_prompt(tokenizer, r["prompt"], task.use_chat_template) for r in batch]
+        completions = decode_completions(tokenizer, generate(model, tokenizer, prompts, 1, max_new_tokens, 1.0,
+                                                             eos_ids, greedy=True))
+        rewards.append(score(task, completions, batch, 1))
+        samples += [(r["prompt"], c, float(x)) for r, c, x in zip(batch, completions, rewards[-1])]
+    correct = (torch.cat(rewards).eq(1.0).float() * counts).sum()
+    accuracy = all_reduce(correct.to(next(model.parameters()).device), "sum").item() / len(task.eval)
+    return accuracy, samples[: int(counts.sum())]

@@ -1,18 +1,11 @@
 """GRPO: Group Relative Policy Optimization (DeepSeekMath, arXiv 2402.03300, eq. 3-4, section 4.1.2).
 
-For each prompt, sample a group of G completions, score them, and use the group-normalised reward as
-the advantage of every token of a completion; no critic. The policy loss is PPO's clipped surrogate
-plus a k3 KL penalty to the frozen initial policy, averaged per sequence and then over sequences.
-
-Project decisions (see ../shared/ALGORITHMS.md):
-- std is the unbiased (N-1) one and eps = 1e-4 is added to it; an all-equal group gets zero advantage.
-- Aggregation is seq-mean-token-mean; the KL term sits inside the same average.
-- `old_logp` is computed once per rollout batch. With the defaults (1 epoch, 1 minibatch) it equals the
-  update's own log-probs, so that pass is skipped and they are used detached: the ratio is exactly 1 and
-  clipping is inactive: the update is the plain policy gradient plus the KL term, as the
-  paper's "single update per exploration stage". Raise --update-epochs / --num-minibatches to go off-policy.
-- Defaults left as None are resolved from a preset: `tiny` for the embedded model (fast CPU run on the
-  arithmetic task) and `paper` for any other model (lr 1e-6, beta 0.04, GSM8K). They are printed at start.
+For each prompt, sample a group of G completions, score them, and use the group-normalised reward as the
+advantage of every token of a completion; there is no critic. The loss is PPO's clipped surrogate plus a k3 KL
+penalty to the frozen initial policy, averaged over each sequence's tokens, then over sequences. With the
+defaults (one epoch, one minibatch) the policy being updated is the one that sampled: the ratio is exactly 1,
+clipping is inactive, and the update is the policy gradient plus the KL term, the paper's "single update per
+exploration stage". The choices where papers and implementations differ are in docs/grpo.md.
 """
 
 import os
@@ -37,13 +30,17 @@ class Args:
     seed: int = 1
     """seed of python and torch random number generators"""
     model: str = "tiny"
-    """hub id or local folder of a causal LM; `tiny` is the 2-layer model shipped in assets/"""
+    """hub id or local folder of a causal LM; `tiny` is the model shipped in assets/"""
     task: Optional[str] = None
     """arithmetic, countdown, gsm8k or jsonl:PATH (default: from the preset)"""
     preset: Literal["auto", "tiny", "paper"] = "auto"
     """where unset defaults come from: `auto` picks `tiny` for the embedded model, `paper` otherwise"""
     device: str = "auto"
     """`cuda` when available, else `cpu`"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """compute dtype (`auto`: bf16 on CUDA, fp32 on the CPU); weights and optimizer states stay fp32"""
+    attn_implementation: str = "sdpa"
+    """attention kernel for from_pretrained: sdpa, eager, flash_attention_2 or flex_attention"""
     num_steps: Optional[int] = None
     """rollout batches to train on (default: from the preset)"""
     num_prompts: int = 16
@@ -67,33 +64,29 @@ class Args:
     num_minibatches: int = 1
     """optimizer steps per pass (the rollout batch is shuffled and split)"""
     micro_batch_size: Optional[int] = None
-    """rows per forward/backward on each process (gradient accumulation); default: from the preset, else the
-    whole minibatch"""
+    """rows per forward/backward on each process (default: from the preset, else the whole minibatch)"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
-    logprob_chunk_size: Optional[int] = None
-    """completion tokens projected onto the vocabulary at a time (default: as many as make 2^25 logits, 128 MB
-    in fp32)"""
+    logprob_chunk_size: int = 512
+    """completion tokens whose logits are computed at a time (a memory bound)"""
     eval_every: Optional[int] = None
-    """evaluate greedy held-out accuracy every N steps (default: from the preset); it always runs at the start
-    and the end; 0: only there"""
+    """evaluate greedy held-out accuracy every N steps (default: from the preset); always at the start and the end"""
+    eval_batch_size: Optional[int] = None
+    """held-out prompts per greedy generation on each process (default: all at once)"""
     save_dir: Optional[str] = None
-    """folder for checkpoints (step_N: save_pretrained format, plus what --resume needs) and metrics.jsonl;
-    nothing is written if unset"""
+    """folder for metrics.jsonl and checkpoints (step_N: save_pretrained format, plus what --resume needs)"""
     save_every: int = 0
     """write a checkpoint every N steps (0: only at the end, when --save-dir is set)"""
     keep_last: int = 2
     """checkpoints kept in --save-dir, the newest (0: all)"""
     resume: Optional[str] = None
-    """continue a run from a checkpoint folder, or from the newest checkpoint in a --save-dir (which then
-    defaults to the checkpoint's folder)"""
+    """continue from a checkpoint folder, or from the newest checkpoint in a --save-dir (then the default --save-dir)"""
     max_skipped: int = 3
-    """optimizer steps with a non-finite loss or gradient norm are skipped; stop after this many steps in a row
-    with such a skip"""
+    """optimizer steps with a non-finite loss or gradient norm are skipped; stop after this many steps in a row"""
     track: bool = False
     """log to Weights and Biases"""
     wandb_project: str = "rl-post-training"
@@ -102,13 +95,14 @@ class Args:
     """Weights and Biases entity (team)"""
 
 
-# Values for the fields left as None. `tiny`: the embedded model learns arithmetic in about two minutes
-# on a 2-core CPU. `paper`: DeepSeekMath's GRPO settings (lr 1e-6, beta 0.04) on GSM8K.
+# Values for the fields left as None. `tiny`: the embedded model and task, minutes on a laptop CPU.
+# `paper`: DeepSeekMath's GRPO settings (lr 1e-6, beta 0.04) on GSM8K.
 PRESETS = {
     "tiny": dict(task="arithmetic", num_steps=1000, max_new_tokens=4, learning_rate=5e-4, beta=0.04, eval_every=100),
     "paper": dict(task="gsm8k", num_steps=1000, max_new_tokens=512, learning_rate=1e-6, beta=0.04, eval_every=50,
                   micro_batch_size=8),
 }
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def resolve_args(args: Args) -> Args:
@@ -136,27 +130,22 @@ def validate_args(args: Args, world_size: int = 1):
     check(args.adv_eps >= 0, f"--adv-eps {args.adv_eps}: must be 0 or more")
     check(args.max_grad_norm > 0, f"--max-grad-norm {args.max_grad_norm}: must be positive")
     check(args.update_epochs >= 1, f"--update-epochs {args.update_epochs}: must be at least 1")
-    check(
-        args.logprob_chunk_size is None or args.logprob_chunk_size >= 1,
-        f"--logprob-chunk-size {args.logprob_chunk_size}: must be at least 1",
-    )
-    check(
-        args.num_prompts % world_size == 0,
-        f"--num-prompts {args.num_prompts}: must be divisible by the number of processes ({world_size})",
-    )
+    check(args.logprob_chunk_size >= 1, f"--logprob-chunk-size {args.logprob_chunk_size}: must be at least 1")
+    check(args.attn_implementation in ATTENTION,
+          f"--attn-implementation {args.attn_implementation}: choose one of {', '.join(ATTENTION)}")
+    check(args.num_prompts % world_size == 0,
+          f"--num-prompts {args.num_prompts}: must be divisible by the number of processes ({world_size})")
     batch = args.num_prompts // world_size * args.group_size
-    check(
-        args.num_minibatches >= 1 and batch % args.num_minibatches == 0,
-        f"--num-minibatches {args.num_minibatches}: must divide the rollout batch of {batch} completions"
-        f" (--num-prompts x --group-size / processes)",
-    )
+    check(args.num_minibatches >= 1 and batch % args.num_minibatches == 0,
+          f"--num-minibatches {args.num_minibatches}: must divide the rollout batch of {batch} completions"
+          f" (--num-prompts x --group-size / processes)")
     minibatch = batch // args.num_minibatches
     micro = args.micro_batch_size or minibatch
-    check(
-        micro >= 1 and minibatch % micro == 0,
-        f"--micro-batch-size {args.micro_batch_size}: must divide the minibatch of {minibatch} completions",
-    )
+    check(micro >= 1 and minibatch % micro == 0,
+          f"--micro-batch-size {args.micro_batch_size}: must divide the minibatch of {minibatch} completions")
     check(args.eval_every >= 0 and args.save_every >= 0, "--eval-every and --save-every must be 0 or more")
+    check(args.eval_batch_size is None or args.eval_batch_size >= 1,
+          f"--eval-batch-size {args.eval_batch_size}: must be at least 1")
     check(args.keep_last >= 0, f"--keep-last {args.keep_last}: must be 0 (keep all) or more")
     check(args.max_skipped >= 1, f"--max-skipped {args.max_skipped}: must be at least 1")
 
@@ -166,7 +155,7 @@ def compute_advantages(rewards: torch.Tensor, group_size: int, eps: float) -> to
     A_i = (r_i - mean(group)) / (std(group) + eps), unbiased std, one value per completion, shape (B,)."""
     grouped = rewards.view(-1, group_size)
     mean = grouped.mean(dim=1, keepdim=True)
-    std = grouped.std(dim=1, keepdim=True)  # unbiased (N-1), as ALGORITHMS.md says
+    std = grouped.std(dim=1, keepdim=True)  # unbiased (N-1), as the reference implementations
     return ((grouped - mean) / (std + eps)).view(-1)
 
 
@@ -213,27 +202,20 @@ def compute_policy_loss(
 
 
 def accumulate_gradients(model, rollout, old_logp, ref_logp, advantages, minibatch, micro_batch_size, args):
-    """Backward pass over one minibatch (row indices), `micro_batch_size` rows at a time.
-
-    The accumulated gradient equals that of the whole minibatch at once: the loss is a mean over
-    sequences, so each micro-batch's loss is weighted by its share of the minibatch's sequences.
-    """
+    """Backward pass over one minibatch (row indices), `micro_batch_size` rows at a time. The accumulated gradient
+    is the whole minibatch's: the loss is a mean over sequences, so each micro-batch weighs by its share of them."""
     metrics = []
-    # in rollout order, each prompt's rows side by side: the backbone runs a prompt once (completion_logprobs)
-    for micro in minibatch.sort().values.split(micro_batch_size):
-        # old_logp None: on-policy (main, step 3). The values are then the sampler's own, and the output
-        # projection runs in the backward pass only (common.completion_logprobs); the ratio is exactly 1
-        sampled = None if old_logp is not None else (rollout.logprobs[micro], rollout.entropy[micro])
-        logp, _ = common.completion_logprobs(
-            model, rollout.input_ids[micro], rollout.attention_mask[micro], rollout.prompt_len,
-            args.temperature, args.logprob_chunk_size, values=sampled,
-        )
-        old_logp_micro = logp.detach() if old_logp is None else old_logp[micro]
+    for rows in minibatch.split(micro_batch_size):
+        micro = rollout.select(rows)  # cut to its own longest completion
+        logp, _ = common.completion_logprobs(model, micro, args.temperature, chunk_size=args.logprob_chunk_size)
+        T = logp.shape[1]
+        # old_logp None: on-policy, the policy being updated is the one that sampled (ratio exactly 1)
+        old_logp_micro = logp.detach() if old_logp is None else old_logp[rows, :T]
         loss, micro_metrics = compute_policy_loss(
-            logp, old_logp_micro, None if ref_logp is None else ref_logp[micro], advantages[micro],
-            rollout.completion_mask[micro], args.clip_eps, args.beta,
+            logp, old_logp_micro, None if ref_logp is None else ref_logp[rows, :T], advantages[rows],
+            micro.completion_mask, args.clip_eps, args.beta,
         )
-        (loss * len(micro) / len(minibatch)).backward()
+        (loss * len(rows) / len(minibatch)).backward()
         metrics.append(micro_metrics)
     return metrics
 
@@ -242,8 +224,8 @@ def main(args: Args):
     args = resolve_args(args)
     validate_args(args, common.world_size())
     device = common.get_device(args.device)
-    # torchrun: join the process group (common.init_distributed); every process samples its own completions,
-    # all of them take part in evaluating and saving, and only rank 0 prints and logs
+    dtype = common.compute_dtype(args.precision, device)
+    # torchrun: join the process group; every process samples its own share, only rank 0 prints and logs
     rank = common.init_distributed(device)
     common.seed_everything(args.seed + rank)
     track = args.track and rank == 0
@@ -251,63 +233,68 @@ def main(args: Args):
 
     tokenizer = common.load_tokenizer(args.model)
     task = common.load_task(args.task)
-    model = common.load_model(args.model, device, args.gradient_checkpointing)
-    ref_model = common.load_reference(model) if args.beta > 0 else None
-    # torchrun: FSDP2 shards every model over the processes (common.shard_model); one process: unchanged
-    model, ref_model = common.shard_model(model), common.shard_model(ref_model)
+    # fp32 weights; in bf16 or under torchrun FSDP2 shards them and computes in `dtype` (common.place)
+    model = common.load_model(args.model, device, dtype, args.attn_implementation, args.gradient_checkpointing)
+    ref_model = None
+    if args.beta > 0:  # the frozen initial policy
+        ref_model = common.load_model(args.model, device, dtype, args.attn_implementation, trainable=False)
     eos_ids = common.eos_token_ids(model, tokenizer)
-    # fused: one kernel over all parameters (the default per-parameter loop is several times slower on the CPU)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
     prompts = common.PromptStream(task.train, args.seed)
-    # what a checkpoint saves and --resume restores
-    models, optimizers = {"policy": model}, {"policy": optimizer}
+    models, optimizers = {"policy": model}, {"policy": optimizer}  # what a checkpoint saves and --resume restores
     if track:
         import wandb
 
         wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.exp_name, config=asdict(args))
 
     def run_eval(step):
-        accuracy, samples = common.evaluate(model, tokenizer, task, args.max_new_tokens, eos_ids)
+        accuracy, samples = common.evaluate(model, tokenizer, task, args.max_new_tokens, eos_ids, args.eval_batch_size)
         tqdm.write(f"step {step}: held-out greedy accuracy {accuracy:.3f} ({len(task.eval)} prompts)")
         if track:
-            table = wandb.Table(columns=["prompt", "completion", "reward"], data=[list(s) for s in samples[:8]])
-            wandb.log({"eval/accuracy": accuracy, "eval/samples": table}, step=step)
+            wandb.log({"eval/samples": wandb.Table(columns=["prompt", "completion", "reward"],
+                                                   data=[list(s) for s in samples[:8]])}, step=step)
         return accuracy
 
     def save(step):
-        path = common.save_training_state(
-            args.save_dir, step, SCRIPT, tokenizer, models, optimizers, prompts,
-            {"skipped_steps": skipped_steps, "skipped_in_a_row": skipped_in_a_row}, args.keep_last,
-        )
+        extra = {"skipped_steps": skipped_steps, "skipped_in_a_row": skipped_in_a_row}
+        path = common.save_training_state(args.save_dir, step, SCRIPT, tokenizer, models, optimizers, prompts, extra,
+                                          args.keep_last)
         tqdm.write(f"saved {path}")
+
+    def end_step(step, logged):
+        """Evaluation when due, the step's metrics logged, the stop after non-finite steps, a checkpoint when due."""
+        if args.eval_every and step % args.eval_every == 0 or step == args.num_steps:
+            logged["eval/accuracy"] = run_eval(step)
+        common.log_metrics(args.save_dir, step, {**logged, "perf/elapsed": time.time() - start_time}, track)
+        common.check(skipped_in_a_row < args.max_skipped,
+                     f"stopping at step {step}: {skipped_in_a_row} steps in a row had a non-finite loss or gradient"
+                     f" norm (--max-skipped {args.max_skipped}); the checkpoints saved before are intact")
+        if args.save_dir and (args.save_every and step % args.save_every == 0 or step == args.num_steps):
+            save(step)
 
     # resume: weights, optimizer states, the prompt stream's position and the RNG states (common.py)
     start_step, skipped_steps, skipped_in_a_row = 0, 0, 0
     if args.resume:
         start_step, extra = common.load_training_state(args.resume, SCRIPT, models, optimizers, prompts, args.save_dir)
         skipped_steps, skipped_in_a_row = extra["skipped_steps"], extra["skipped_in_a_row"]
-        common.check(
-            start_step < args.num_steps, f"--num-steps {args.num_steps}: the checkpoint is already at step {start_step}"
-        )
+        common.check(start_step < args.num_steps,
+                     f"--num-steps {args.num_steps}: the checkpoint is already at step {start_step}")
+    start_time = time.time()
     start_accuracy = run_eval(start_step)
+    if not args.resume:
+        common.log_metrics(args.save_dir, 0, {"eval/accuracy": start_accuracy, "perf/elapsed": 0.0}, track)
     num_prompts = args.num_prompts // common.world_size()  # this process's share of each rollout batch
     batch_size = num_prompts * args.group_size
     minibatch_size = batch_size // args.num_minibatches
     micro_batch_size = args.micro_batch_size or minibatch_size
-    start_time = time.time()
-    for step in tqdm(
-        range(start_step + 1, args.num_steps + 1), initial=start_step, total=args.num_steps, desc=args.exp_name,
-        file=sys.stdout,
-    ):
+    for step in tqdm(range(start_step + 1, args.num_steps + 1), initial=start_step, total=args.num_steps,
+                     desc=args.exp_name, file=sys.stdout):
         # 1. Rollout: G completions per prompt, contiguous
         t0 = time.time()
         rows = prompts.next(args.num_prompts)[rank * num_prompts : (rank + 1) * num_prompts]
         texts = [common.format_prompt(tokenizer, r["prompt"], task.use_chat_template) for r in rows]
-        rollout = common.generate(
-            model, tokenizer, texts, args.group_size, args.max_new_tokens, args.temperature, eos_ids
-        )
+        rollout = common.generate(model, tokenizer, texts, args.group_size, args.max_new_tokens, args.temperature,
+                                  eos_ids)
         completions = common.decode_completions(tokenizer, rollout)
         time_generate = time.time() - t0
 
@@ -317,25 +304,16 @@ def main(args: Args):
         advantages = compute_advantages(rewards, args.group_size, args.adv_eps)
         mask = rollout.completion_mask
 
-        # 3. Log-probs of the sampling policy (old) and of the reference, once per rollout batch.
-        # With one epoch and one minibatch the policy is still the sampling one when the loss is computed: the
-        # old log-probs are then the sampler's (Rollout.logprobs), and their pass is skipped
-        with torch.no_grad():
-            old_logp = None
-            if args.update_epochs > 1 or args.num_minibatches > 1:
-                old_logp, _ = common.completion_logprobs(
-                    model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, args.temperature,
-                    args.logprob_chunk_size,
-                )
-            ref_logp = None
-            if ref_model is not None:
-                ref_logp, _ = common.completion_logprobs(
-                    ref_model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, args.temperature,
-                    args.logprob_chunk_size,
-                )
+        # 3. Log-probs of the sampling policy (old) and of the reference, once per rollout batch. With one epoch
+        # and one minibatch the update's own log-probs, detached, are the old ones: that pass is skipped
+        old_logp = ref_logp = None
+        if args.update_epochs > 1 or args.num_minibatches > 1:
+            old_logp = common.rollout_logprobs(model, rollout, args.temperature, micro_batch_size)
+        if ref_model is not None:
+            ref_logp = common.rollout_logprobs(ref_model, rollout, args.temperature, micro_batch_size)
 
-        # 4. update_epochs x num_minibatches optimizer steps, each accumulated over micro-batches; a
-        # step whose loss or gradient norm is not finite is skipped (one host sync per optimizer step to know)
+        # 4. update_epochs x num_minibatches optimizer steps, each accumulated over micro-batches; a step whose
+        # loss or gradient norm is not finite is skipped (one host sync per optimizer step to know)
         step_metrics, step_skipped = [], 0
         for epoch in range(args.update_epochs):
             order = torch.randperm(batch_size, device=device)
@@ -345,17 +323,16 @@ def main(args: Args):
                 )
                 step_metrics += minibatch_metrics
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                losses = [m["loss/policy"] for m in minibatch_metrics]
-                if common.all_finite(grad_norm, *losses):
+                if common.all_finite(grad_norm, *[m["loss/policy"] for m in minibatch_metrics]):
                     optimizer.step()
-                else:  # a NaN or inf loss or gradient norm: skip this optimizer step
+                else:
                     step_skipped += 1
-                # freed now, not before the next backward: generation and evaluation do without them
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)  # freed now: generation and evaluation do without them
         skipped_steps += step_skipped
+        skipped_in_a_row = skipped_in_a_row + 1 if step_skipped else 0
         time_train = time.time() - t0
 
-        # 5. Logging: one host sync per step
+        # 5. Logging (one host sync per step), evaluation and checkpoints
         tokens = mask.sum()
         logged = {k: torch.stack([m[k] for m in step_metrics]).mean() for k in step_metrics[0]}
         logged.update({
@@ -370,7 +347,7 @@ def main(args: Args):
         logged = {k: float(v) for k, v in common.mean_over_processes(logged).items()}
         logged.update({
             "optim/lr": optimizer.param_groups[0]["lr"],
-            "optim/skipped_steps": skipped_steps,  # optimizer steps skipped so far
+            "optim/skipped_steps": skipped_steps,
             "perf/tokens_per_sec": logged["completion/mean_length"] * batch_size / (time_generate + time_train),
             "perf/time_generate": time_generate,
             "perf/time_train": time_train,
@@ -380,27 +357,12 @@ def main(args: Args):
             f"  kl {logged.get('loss/kl', 0.0):.4f}  len {logged['completion/mean_length']:.1f}"
             f"  grad {logged['optim/grad_norm']:.3f}  {logged['perf/tokens_per_sec']:.0f} tok/s"
         )
-        if track:
-            wandb.log(logged, step=step)
-        common.append_metrics(args.save_dir, step, logged)
         if step_skipped:
             tqdm.write(f"step {step}: {step_skipped} optimizer step(s) skipped: non-finite loss or gradient norm")
-        skipped_in_a_row = skipped_in_a_row + 1 if step_skipped else 0
-        common.check(
-            skipped_in_a_row < args.max_skipped,
-            f"stopping at step {step}: {skipped_in_a_row} steps in a row had a non-finite loss or gradient norm"
-            f" (--max-skipped {args.max_skipped}); the checkpoints saved before are intact",
-        )
-        if args.eval_every and step % args.eval_every == 0 and step != args.num_steps:
-            run_eval(step)
-        if args.save_dir and args.save_every and step % args.save_every == 0:
-            save(step)
+        end_step(step, logged)
 
-    accuracy = run_eval(args.num_steps)
-    print(f"held-out greedy accuracy: start {start_accuracy:.3f} -> end {accuracy:.3f}"
-          f" ({time.time() - start_time:.0f}s of training)")
-    if args.save_dir and not (args.save_every and args.num_steps % args.save_every == 0):  # else saved already
-        save(args.num_steps)
+    print(f"held-out greedy accuracy: start {start_accuracy:.3f} -> end {logged['eval/accuracy']:.3f}"
+          f" ({time.time() - start_time:.0f}s)")
     if track:
         wandb.finish()
     common.finish_distributed()

@@ -1,49 +1,12 @@
 """PPO for LLMs (InstructGPT, arXiv 2203.02155, section 3.5 and appendix C.4, with the usual RLHF details).
 
-For each prompt, sample one completion, score it, and learn a critic that predicts, at every completion
-token, the reward still to come. The per-token reward is a k1 KL penalty to the frozen initial policy
-plus the task score on the last token; advantages come from GAE over those rewards and the critic's
-values. The policy loss is the clipped surrogate; the critic is trained on a clipped value loss.
-
-What changes versus GRPO (`diff grpo.py ppo.py`):
-- A critic (a copy of the backbone with a scalar head, one value per token) replaces the group
-  baseline, so one completion per prompt is enough (--samples-per-prompt 1 by default).
-- The KL to the reference is part of the reward (k1, on every token), not a term of the loss.
-- Advantages are per token: GAE(gamma, lambda) over rewards and values, whitened over the batch;
-  the critic regresses the returns (advantages + values, before whitening).
-- Loss: token-mean clipped surrogate plus vf_coef times the clipped value loss; the critic has its
-  own AdamW optimizer and learning rate, stepped together with the policy's.
-- 4 epochs over each rollout batch by default: after the first optimizer step the ratio is no longer 1
-  and the clipping (policy and value) is what keeps the update near the sampling policy.
-
-Project decisions (see ../shared/ALGORITHMS.md):
-- Defaults gamma 1 (InstructGPT: no discount), lambda 0.95, eps 0.2, eps_v 0.2, vf_coef 0.1, beta 0.05
-  (InstructGPT: 0.02), 4 update epochs, ent_coef 0: ALGORITHMS.md, after TRL's PPO. The KL
-  coefficient is fixed (no adaptive controller).
-- The k1 KL reward uses `old_logp` (the sampling policy), computed once per rollout batch with the
-  values and the reference log-probs; the task score sits on the last completion token (the EOS, or the
-  last token of a truncated completion) (ALGORITHMS.md).
-- GAE: V after the last completion token is 0; whitening subtracts the mean and divides by
-  sqrt(var + 1e-8) over the valid tokens of the whole rollout batch, unbiased variance (ALGORITHMS.md;
-  a batch with a single valid token gets variance 0).
-- Both losses use token-mean aggregation, normalised by the token count of the whole minibatch, so
-  micro-batching does not change the gradient (ALGORITHMS.md).
-- The critic is `AutoModelForTokenClassification(num_labels=1)` loaded from the policy's initial weights
-  (there is no learned reward model here to initialise it from), its head zero-initialised so every
-  value starts at 0 (common.load_critic). V_t is read at the position whose output predicts completion
-  token t (the state before token t), with the same position ids as the log-probs. It is saved with the
-  policy, in `step_N/critic`.
-- Policy and critic share no parameters: one backward of `pg_loss + vf_coef * vf_loss` gives each
-  optimizer the gradient of its own part. Each model's gradient is clipped on its own (max_grad_norm),
-  so vf_coef mostly matters through that clipping (AdamW is nearly scale-invariant); the critic's
-  learning rate is the knob.
-- Entropy bonus (off by default, --ent-coef): the token-mean entropy of softmax(logits / temperature) over
-  the minibatch's valid tokens, the same normaliser as the two losses; computed only when ent_coef > 0.
-- --missing-eos-penalty (TRL's option, off by default) subtracts its value from the score of
-  completions that reach --max-new-tokens without an EOS.
-- Defaults left as None are resolved from a preset: `tiny` for the embedded model (fast CPU run on the
-  arithmetic task) and `paper` for any other model (lr 1e-6, critic lr 9e-6, beta 0.05, GSM8K). They
-  are printed at start.
+For each prompt, sample one completion, score it, and learn a critic (a copy of the backbone with a scalar head)
+that predicts at every completion token the reward still to come; it replaces GRPO's group baseline. The
+per-token reward is a k1 KL penalty to the frozen initial policy on every token plus the task score on the last
+one; advantages come from GAE over those rewards and the critic's values, whitened over the batch. The loss is
+the token-mean clipped surrogate plus vf_coef times the clipped value loss; the critic has its own AdamW. Four
+epochs over each rollout batch by default, so both clips are live. The choices where papers and
+implementations differ are in docs/ppo.md.
 """
 
 import os
@@ -68,13 +31,17 @@ class Args:
     seed: int = 1
     """seed of python and torch random number generators"""
     model: str = "tiny"
-    """hub id or local folder of a causal LM; `tiny` is the 2-layer model shipped in assets/"""
+    """hub id or local folder of a causal LM; `tiny` is the model shipped in assets/"""
     task: Optional[str] = None
     """arithmetic, countdown, gsm8k or jsonl:PATH (default: from the preset)"""
     preset: Literal["auto", "tiny", "paper"] = "auto"
     """where unset defaults come from: `auto` picks `tiny` for the embedded model, `paper` otherwise"""
     device: str = "auto"
     """`cuda` when available, else `cpu`"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """compute dtype (`auto`: bf16 on CUDA, fp32 on the CPU); weights and optimizer states stay fp32"""
+    attn_implementation: str = "sdpa"
+    """attention kernel for from_pretrained: sdpa, eager, flash_attention_2 or flex_attention"""
     num_steps: Optional[int] = None
     """rollout batches to train on (default: from the preset)"""
     num_prompts: Optional[int] = None
@@ -110,33 +77,29 @@ class Args:
     num_minibatches: int = 1
     """optimizer steps per pass (the rollout batch is shuffled and split)"""
     micro_batch_size: Optional[int] = None
-    """rows per forward/backward on each process (gradient accumulation); default: from the preset, else the
-    whole minibatch"""
+    """rows per forward/backward on each process (default: from the preset, else the whole minibatch)"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm, for the policy and the critic each"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     gradient_checkpointing: bool = False
-    """recompute activations in the backward pass to save memory (policy and critic)"""
-    logprob_chunk_size: Optional[int] = None
-    """completion tokens projected onto the vocabulary at a time (default: as many as make 2^25 logits, 128 MB
-    in fp32)"""
+    """recompute activations in the backward pass to save memory"""
+    logprob_chunk_size: int = 512
+    """completion tokens whose logits are computed at a time (a memory bound)"""
     eval_every: Optional[int] = None
-    """evaluate greedy held-out accuracy every N steps (default: from the preset); it always runs at the start
-    and the end; 0: only there"""
+    """evaluate greedy held-out accuracy every N steps (default: from the preset); always at the start and the end"""
+    eval_batch_size: Optional[int] = None
+    """held-out prompts per greedy generation on each process (default: all at once)"""
     save_dir: Optional[str] = None
-    """folder for checkpoints (step_N: the policy in save_pretrained format, the critic in step_N/critic, plus
-    what --resume needs) and metrics.jsonl; nothing is written if unset"""
+    """folder for metrics.jsonl and checkpoints (step_N: save_pretrained format, plus what --resume needs)"""
     save_every: int = 0
     """write a checkpoint every N steps (0: only at the end, when --save-dir is set)"""
     keep_last: int = 2
     """checkpoints kept in --save-dir, the newest (0: all)"""
     resume: Optional[str] = None
-    """continue a run from a checkpoint folder, or from the newest checkpoint in a --save-dir (which then
-    defaults to the checkpoint's folder)"""
+    """continue from a checkpoint folder, or from the newest checkpoint in a --save-dir (then the default --save-dir)"""
     max_skipped: int = 3
-    """optimizer steps with a non-finite loss or gradient norm are skipped; stop after this many steps in a row
-    with such a skip"""
+    """optimizer steps with a non-finite loss or gradient norm are skipped; stop after this many steps in a row"""
     track: bool = False
     """log to Weights and Biases"""
     wandb_project: str = "rl-post-training"
@@ -145,17 +108,15 @@ class Args:
     """Weights and Biases entity (team)"""
 
 
-# Values for the fields left as None. `tiny`: the embedded model learns arithmetic in about two minutes on
-# a CPU; one completion per prompt, so a batch holds more prompts than GRPO's; the policy's lr is grpo.py's
-# (1e-3 reached the same training reward but held-out accuracy swung between 0.15 and 0.30). `paper`: policy lr 1e-6 and
-# critic lr 9e-6 (OpenRLHF's PPO defaults, actor_learning_rate and critic_learning_rate), beta 0.05
-# (ALGORITHMS.md; InstructGPT 0.02) on GSM8K; 64 prompts per batch is the project's choice.
+# Values for the fields left as None. `tiny`: the embedded model and task, minutes on a laptop CPU.
+# `paper`: policy lr 1e-6 and critic lr 9e-6 (OpenRLHF's PPO defaults), beta 0.05 (TRL's), 64 prompts, GSM8K.
 PRESETS = {
     "tiny": dict(task="arithmetic", num_steps=400, num_prompts=128, max_new_tokens=4, learning_rate=5e-4,
                  critic_learning_rate=1e-3, beta=0.05, eval_every=100),
     "paper": dict(task="gsm8k", num_steps=1000, num_prompts=64, max_new_tokens=512, learning_rate=1e-6,
                   critic_learning_rate=9e-6, beta=0.05, eval_every=50, micro_batch_size=8),
 }
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def resolve_args(args: Args) -> Args:
@@ -186,33 +147,26 @@ def validate_args(args: Args, world_size: int = 1):
     check(args.ent_coef >= 0, f"--ent-coef {args.ent_coef}: must be 0 or more")
     check(0 <= args.gamma <= 1, f"--gamma {args.gamma}: must be between 0 and 1")
     check(0 <= args.lam <= 1, f"--lam {args.lam}: must be between 0 and 1")
-    check(
-        args.missing_eos_penalty is None or args.missing_eos_penalty >= 0,
-        f"--missing-eos-penalty {args.missing_eos_penalty}: must be 0 or more (it is subtracted from the score)",
-    )
+    check(args.missing_eos_penalty is None or args.missing_eos_penalty >= 0,
+          f"--missing-eos-penalty {args.missing_eos_penalty}: must be 0 or more (it is subtracted from the score)")
     check(args.max_grad_norm > 0, f"--max-grad-norm {args.max_grad_norm}: must be positive")
     check(args.update_epochs >= 1, f"--update-epochs {args.update_epochs}: must be at least 1")
-    check(
-        args.logprob_chunk_size is None or args.logprob_chunk_size >= 1,
-        f"--logprob-chunk-size {args.logprob_chunk_size}: must be at least 1",
-    )
-    check(
-        args.num_prompts % world_size == 0,
-        f"--num-prompts {args.num_prompts}: must be divisible by the number of processes ({world_size})",
-    )
+    check(args.logprob_chunk_size >= 1, f"--logprob-chunk-size {args.logprob_chunk_size}: must be at least 1")
+    check(args.attn_implementation in ATTENTION,
+          f"--attn-implementation {args.attn_implementation}: choose one of {', '.join(ATTENTION)}")
+    check(args.num_prompts % world_size == 0,
+          f"--num-prompts {args.num_prompts}: must be divisible by the number of processes ({world_size})")
     batch = args.num_prompts // world_size * args.samples_per_prompt
-    check(
-        args.num_minibatches >= 1 and batch % args.num_minibatches == 0,
-        f"--num-minibatches {args.num_minibatches}: must divide the rollout batch of {batch} completions"
-        f" (--num-prompts x --samples-per-prompt / processes)",
-    )
+    check(args.num_minibatches >= 1 and batch % args.num_minibatches == 0,
+          f"--num-minibatches {args.num_minibatches}: must divide the rollout batch of {batch} completions"
+          f" (--num-prompts x --samples-per-prompt / processes)")
     minibatch = batch // args.num_minibatches
     micro = args.micro_batch_size or minibatch
-    check(
-        micro >= 1 and minibatch % micro == 0,
-        f"--micro-batch-size {args.micro_batch_size}: must divide the minibatch of {minibatch} completions",
-    )
+    check(micro >= 1 and minibatch % micro == 0,
+          f"--micro-batch-size {args.micro_batch_size}: must divide the minibatch of {minibatch} completions")
     check(args.eval_every >= 0 and args.save_every >= 0, "--eval-every and --save-every must be 0 or more")
+    check(args.eval_batch_size is None or args.eval_batch_size >= 1,
+          f"--eval-batch-size {args.eval_batch_size}: must be at least 1")
     check(args.keep_last >= 0, f"--keep-last {args.keep_last}: must be 0 (keep all) or more")
     check(args.max_skipped >= 1, f"--max-skipped {args.max_skipped}: must be at least 1")
 
@@ -259,7 +213,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(x - mean) / sqrt(var + 1e-8) over the valid tokens, unbiased variance (ALGORITHMS.md); 0 where mask is 0."""
+    """(x - mean) / sqrt(var + 1e-8) over the valid tokens, unbiased variance; 0 where mask is 0."""
     mean = (x * mask).sum() / mask.sum()
     return (x - mean) / torch.sqrt(masked_var(x, mask) + 1e-8) * mask
 
@@ -274,15 +228,15 @@ def compute_policy_loss(
 ):
     """PPO's clipped surrogate (InstructGPT section 3.5; Schulman et al. 2017 eq. 7), as a loss.
 
-    logp, old_logp, advantages, mask: (B, T) over completion tokens. num_tokens: the token-mean's
-    normaliser, by default mask.sum(); pass the minibatch's token count when this is one micro-batch of it.
+    logp, old_logp, advantages, mask: (B, T) over completion tokens. num_tokens: the token-mean's normaliser, by
+    default mask.sum(); pass the minibatch's token count when this is one micro-batch of it.
     Returns the loss (a scalar) and a dict of detached metrics (token means over this batch's own tokens).
     """
     ratio = torch.exp(logp - old_logp)
     adv = advantages
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
     per_token = -surrogate
-    # token-mean: sum_{i,t} l[i, t] / sum_i |o_i|, over the whole minibatch (ALGORITHMS.md)
+    # token-mean: sum_{i,t} l[i, t] / sum_i |o_i|, over the whole minibatch
     if num_tokens is None:
         num_tokens = mask.sum().clamp(min=1)
     loss = (per_token * mask).sum() / num_tokens
@@ -308,7 +262,7 @@ def compute_value_loss(
     clip_eps_value: float,
     num_tokens: Optional[torch.Tensor] = None,
 ):
-    """Clipped value loss (ALGORITHMS.md, as in TRL's and OpenAI's PPO):
+    """Clipped value loss, as in TRL's and OpenAI's PPO:
     0.5 * token-mean(max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2)).
 
     values, old_values (at rollout time), returns, mask: (B, T); num_tokens as in compute_policy_loss.
@@ -332,58 +286,45 @@ def compute_value_loss(
 
 
 def compute_entropy_loss(entropy: torch.Tensor, mask: torch.Tensor, num_tokens: Optional[torch.Tensor] = None):
-    """Minus the token-mean entropy, the term ent_coef multiplies in the total loss (ALGORITHMS.md:
-    pg_loss + vf_coef * vf_loss - ent_coef * entropy). entropy, mask: (B, T); num_tokens as in
-    compute_policy_loss.
-    """
+    """Minus the token-mean entropy, the term ent_coef multiplies in the total loss
+    (pg_loss + vf_coef * vf_loss - ent_coef * entropy). entropy, mask: (B, T); num_tokens as in compute_policy_loss."""
     if num_tokens is None:
         num_tokens = mask.sum().clamp(min=1)
     return -(entropy * mask).sum() / num_tokens
 
 
-def completion_values(critic, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int):
-    """Critic value of the state before every completion token, shape (B, T).
-
-    Read at position P - 1 + t, the position whose output predicts completion token t (the same alignment as
-    common.completion_logprobs), with the same position ids, so left padding does not shift the values.
-    """
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    with common.autocast(input_ids.device):
-        values = critic(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).logits
-    return values[:, prompt_len - 1 : -1, 0].float()
+def completion_values(critic, rollout: common.Rollout) -> torch.Tensor:
+    """Critic value of the state before every completion token, (B, T): read at position P - 1 + t, whose output
+    predicts completion token t (as common.completion_logprobs), with the same position ids."""
+    position_ids = (rollout.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    values = critic(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, position_ids=position_ids,
+                    use_cache=False).logits
+    return values[:, rollout.prompt_len - 1 : -1, 0].float()
 
 
 def accumulate_gradients(
     model, critic, rollout, old_logp, old_values, advantages, returns, minibatch, micro_batch_size, args
 ):
-    """Backward pass over one minibatch (row indices), `micro_batch_size` rows at a time, for the policy
-    and the critic.
-
-    The accumulated gradient equals that of the whole minibatch at once: both losses are token-means, and
-    every micro-batch divides its token sum by the token count of the whole minibatch.
-    """
+    """Backward pass over one minibatch (row indices), `micro_batch_size` rows at a time, for the policy and the
+    critic. The accumulated gradient is the whole minibatch's: both losses are token-means, and every micro-batch
+    divides by the minibatch's token count."""
     metrics = []
-    # the token-mean's denominator: this minibatch's token count, averaged over the processes under torchrun,
-    # where FSDP averages the gradients: the gradient is then that of the global minibatch's token-mean
+    # the token-mean's denominator, averaged over the processes (FSDP averages gradients)
     num_tokens = common.all_reduce(rollout.completion_mask[minibatch].sum(), "mean").clamp(min=1)
-    # in rollout order, each prompt's rows side by side: the backbone runs a prompt once (completion_logprobs)
-    for micro in minibatch.sort().values.split(micro_batch_size):
-        logp, entropy = common.completion_logprobs(
-            model, rollout.input_ids[micro], rollout.attention_mask[micro], rollout.prompt_len,
-            args.temperature, args.logprob_chunk_size, with_entropy=args.ent_coef > 0,
-        )
-        values = completion_values(critic, rollout.input_ids[micro], rollout.attention_mask[micro], rollout.prompt_len)
-        mask = rollout.completion_mask[micro]
+    for rows in minibatch.split(micro_batch_size):
+        micro = rollout.select(rows)  # cut to its own longest completion
+        logp, entropy = common.completion_logprobs(model, micro, args.temperature, with_entropy=args.ent_coef > 0,
+                                                   chunk_size=args.logprob_chunk_size)
+        T = logp.shape[1]
+        values, mask = completion_values(critic, micro), micro.completion_mask
         pg_loss, micro_metrics = compute_policy_loss(
-            logp, old_logp[micro], advantages[micro], mask, args.clip_eps, num_tokens
+            logp, old_logp[rows, :T], advantages[rows, :T], mask, args.clip_eps, num_tokens
         )
         vf_loss, value_metrics = compute_value_loss(
-            values, old_values[micro], returns[micro], mask, args.clip_eps_value, num_tokens
+            values, old_values[rows, :T], returns[rows, :T], mask, args.clip_eps_value, num_tokens
         )
-        # total = pg_loss + vf_coef * vf_loss - ent_coef * entropy (ALGORITHMS.md); the two models share no
-        # parameters, so each one receives exactly the gradient of its own part
+        # total = pg_loss + vf_coef * vf_loss - ent_coef * entropy; the two models share no parameters, so each
+        # receives exactly the gradient of its own part
         loss = pg_loss + args.vf_coef * vf_loss
         if args.ent_coef > 0:
             loss = loss + args.ent_coef * compute_entropy_loss(entropy, mask, num_tokens)
@@ -396,8 +337,8 @@ def main(args: Args):
     args = resolve_args(args)
     validate_args(args, common.world_size())
     device = common.get_device(args.device)
-    # torchrun: join the process group (common.init_distributed); every process samples its own completions,
-    # all of them take part in evaluating and saving, and only rank 0 prints and logs
+    dtype = common.compute_dtype(args.precision, device)
+    # torchrun: join the process group; every process samples its own share, only rank 0 prints and logs
     rank = common.init_distributed(device)
     common.seed_everything(args.seed + rank)
     track = args.track and rank == 0
@@ -405,68 +346,72 @@ def main(args: Args):
 
     tokenizer = common.load_tokenizer(args.model)
     task = common.load_task(args.task)
-    model = common.load_model(args.model, device, args.gradient_checkpointing)
+    # fp32 weights; in bf16 or under torchrun FSDP2 shards them and computes in `dtype` (common.place)
+    model = common.load_model(args.model, device, dtype, args.attn_implementation, args.gradient_checkpointing)
+    ref_model = None
+    if args.beta > 0:  # the frozen initial policy
+        ref_model = common.load_model(args.model, device, dtype, args.attn_implementation, trainable=False)
     # the critic (InstructGPT section 3.5): the initial policy's backbone with a fresh scalar head, own optimizer
-    critic = common.load_critic(args.model, device, args.gradient_checkpointing)
-    ref_model = common.load_reference(model) if args.beta > 0 else None
-    # torchrun: FSDP2 shards every model over the processes (common.shard_model); one process: unchanged
-    model, critic, ref_model = common.shard_model(model), common.shard_model(critic), common.shard_model(ref_model)
+    critic = common.load_critic(args.model, device, dtype, args.attn_implementation, args.gradient_checkpointing)
     eos_ids = common.eos_token_ids(model, tokenizer)
-    # fused: one kernel over all parameters (the default per-parameter loop is several times slower on the CPU)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True
-    )
-    critic_optimizer = torch.optim.AdamW(
-        critic.parameters(), lr=args.critic_learning_rate, weight_decay=args.weight_decay, fused=True
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
+    critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_learning_rate,
+                                         weight_decay=args.weight_decay, fused=True)
     prompts = common.PromptStream(task.train, args.seed)
-    # what a checkpoint saves and --resume restores
-    models, optimizers = {"policy": model, "critic": critic}, {"policy": optimizer, "critic": critic_optimizer}
+    models, optimizers = {"policy": model, "critic": critic}, {"policy": optimizer, "critic": critic_optimizer}  # what a checkpoint saves and --resume restores
     if track:
         import wandb
 
         wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.exp_name, config=asdict(args))
 
     def run_eval(step):
-        accuracy, samples = common.evaluate(model, tokenizer, task, args.max_new_tokens, eos_ids)
+        accuracy, samples = common.evaluate(model, tokenizer, task, args.max_new_tokens, eos_ids, args.eval_batch_size)
         tqdm.write(f"step {step}: held-out greedy accuracy {accuracy:.3f} ({len(task.eval)} prompts)")
         if track:
-            table = wandb.Table(columns=["prompt", "completion", "reward"], data=[list(s) for s in samples[:8]])
-            wandb.log({"eval/accuracy": accuracy, "eval/samples": table}, step=step)
+            wandb.log({"eval/samples": wandb.Table(columns=["prompt", "completion", "reward"],
+                                                   data=[list(s) for s in samples[:8]])}, step=step)
         return accuracy
 
     def save(step):
-        path = common.save_training_state(
-            args.save_dir, step, SCRIPT, tokenizer, models, optimizers, prompts,
-            {"skipped_steps": skipped_steps, "skipped_in_a_row": skipped_in_a_row}, args.keep_last,
-        )
+        extra = {"skipped_steps": skipped_steps, "skipped_in_a_row": skipped_in_a_row}
+        path = common.save_training_state(args.save_dir, step, SCRIPT, tokenizer, models, optimizers, prompts, extra,
+                                          args.keep_last)
         tqdm.write(f"saved {path}")
+
+    def end_step(step, logged):
+        """Evaluation when due, the step's metrics logged, the stop after non-finite steps, a checkpoint when due."""
+        if args.eval_every and step % args.eval_every == 0 or step == args.num_steps:
+            logged["eval/accuracy"] = run_eval(step)
+        common.log_metrics(args.save_dir, step, {**logged, "perf/elapsed": time.time() - start_time}, track)
+        common.check(skipped_in_a_row < args.max_skipped,
+                     f"stopping at step {step}: {skipped_in_a_row} steps in a row had a non-finite loss or gradient"
+                     f" norm (--max-skipped {args.max_skipped}); the checkpoints saved before are intact")
+        if args.save_dir and (args.save_every and step % args.save_every == 0 or step == args.num_steps):
+            save(step)
 
     # resume: weights, optimizer states, the prompt stream's position and the RNG states (common.py)
     start_step, skipped_steps, skipped_in_a_row = 0, 0, 0
     if args.resume:
         start_step, extra = common.load_training_state(args.resume, SCRIPT, models, optimizers, prompts, args.save_dir)
         skipped_steps, skipped_in_a_row = extra["skipped_steps"], extra["skipped_in_a_row"]
-        common.check(
-            start_step < args.num_steps, f"--num-steps {args.num_steps}: the checkpoint is already at step {start_step}"
-        )
+        common.check(start_step < args.num_steps,
+                     f"--num-steps {args.num_steps}: the checkpoint is already at step {start_step}")
+    start_time = time.time()
     start_accuracy = run_eval(start_step)
+    if not args.resume:
+        common.log_metrics(args.save_dir, 0, {"eval/accuracy": start_accuracy, "perf/elapsed": 0.0}, track)
     num_prompts = args.num_prompts // common.world_size()  # this process's share of each rollout batch
     batch_size = num_prompts * args.samples_per_prompt
     minibatch_size = batch_size // args.num_minibatches
     micro_batch_size = args.micro_batch_size or minibatch_size
-    start_time = time.time()
-    for step in tqdm(
-        range(start_step + 1, args.num_steps + 1), initial=start_step, total=args.num_steps, desc=args.exp_name,
-        file=sys.stdout,
-    ):
+    for step in tqdm(range(start_step + 1, args.num_steps + 1), initial=start_step, total=args.num_steps,
+                     desc=args.exp_name, file=sys.stdout):
         # 1. Rollout: samples_per_prompt completions per prompt, contiguous
         t0 = time.time()
         rows = prompts.next(args.num_prompts)[rank * num_prompts : (rank + 1) * num_prompts]
         texts = [common.format_prompt(tokenizer, r["prompt"], task.use_chat_template) for r in rows]
-        rollout = common.generate(
-            model, tokenizer, texts, args.samples_per_prompt, args.max_new_tokens, args.temperature, eos_ids
-        )
+        rollout = common.generate(model, tokenizer, texts, args.samples_per_prompt, args.max_new_tokens,
+                                  args.temperature, eos_ids)
         completions = common.decode_completions(tokenizer, rollout)
         time_generate = time.time() - t0
 
@@ -479,35 +424,28 @@ def main(args: Args):
         mask = rollout.completion_mask
 
         # 3. Log-probs of the sampling policy (old) and of the reference, and the values, once per rollout batch
+        old_logp = common.rollout_logprobs(model, rollout, args.temperature, micro_batch_size)
+        ref_logp = None
+        if ref_model is not None:
+            ref_logp = common.rollout_logprobs(ref_model, rollout, args.temperature, micro_batch_size)
         with torch.no_grad():
-            old_logp, _ = common.completion_logprobs(
-                model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, args.temperature,
-                args.logprob_chunk_size,
-            )
-            ref_logp = None
-            if ref_model is not None:
-                ref_logp, _ = common.completion_logprobs(
-                    ref_model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, args.temperature,
-                    args.logprob_chunk_size,
-                )
-            old_values = completion_values(critic, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+            old_values = common.per_micro_batch(lambda part: completion_values(critic, part), rollout, micro_batch_size)
             old_values = old_values * mask
-
-            # per-token rewards (InstructGPT eq. 2: k1 KL on every token, the score on the last), GAE advantages
-            # and returns (Schulman et al. 2015), then the advantages whitened over the batch (ALGORITHMS.md)
+            # per-token rewards (InstructGPT eq. 2: k1 KL on every token, the score on the last), GAE advantages and
+            # returns (Schulman et al. 2015), then the advantages whitened over the batch
             token_rewards = compute_rewards(score, old_logp, ref_logp, mask, args.beta)
             advantages, returns = compute_gae(token_rewards, old_values, mask, args.gamma, args.lam)
             advantages = whiten(advantages, mask)
 
-        # 4. update_epochs x num_minibatches optimizer steps, each accumulated over micro-batches; a
-        # step whose loss or gradient norm is not finite is skipped (one host sync per optimizer step to know)
+        # 4. update_epochs x num_minibatches optimizer steps, each accumulated over micro-batches; a step whose
+        # loss or gradient norm is not finite is skipped (one host sync per optimizer step to know)
         step_metrics, step_skipped = [], 0
         for epoch in range(args.update_epochs):
             order = torch.randperm(batch_size, device=device)
             for minibatch in order.split(minibatch_size):
                 minibatch_metrics = accumulate_gradients(
-                    model, critic, rollout, old_logp, old_values, advantages, returns, minibatch,
-                    micro_batch_size, args,
+                    model, critic, rollout, old_logp, old_values, advantages, returns, minibatch, micro_batch_size,
+                    args,
                 )
                 step_metrics += minibatch_metrics
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -516,15 +454,15 @@ def main(args: Args):
                 if common.all_finite(grad_norm, critic_grad_norm, *losses):
                     optimizer.step()
                     critic_optimizer.step()
-                else:  # a NaN or inf loss or gradient norm: skip this optimizer step
+                else:
                     step_skipped += 1
-                # freed now, not before the next backward: generation and evaluation do without them
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)  # freed now: generation and evaluation do without them
                 critic_optimizer.zero_grad(set_to_none=True)
         skipped_steps += step_skipped
+        skipped_in_a_row = skipped_in_a_row + 1 if step_skipped else 0
         time_train = time.time() - t0
 
-        # 5. Logging: one host sync per step
+        # 5. Logging (one host sync per step), evaluation and checkpoints
         tokens = mask.sum()
         logged = {k: torch.stack([m[k] for m in step_metrics]).mean() for k in step_metrics[0]}
         logged.update({
@@ -546,7 +484,7 @@ def main(args: Args):
         logged = {k: float(v) for k, v in common.mean_over_processes(logged).items()}
         logged.update({
             "optim/lr": optimizer.param_groups[0]["lr"],
-            "optim/skipped_steps": skipped_steps,  # optimizer steps skipped so far
+            "optim/skipped_steps": skipped_steps,
             "perf/tokens_per_sec": logged["completion/mean_length"] * batch_size / (time_generate + time_train),
             "perf/time_generate": time_generate,
             "perf/time_train": time_train,
@@ -557,27 +495,12 @@ def main(args: Args):
             f"  kl {logged.get('loss/kl', 0.0):.4f}  len {logged['completion/mean_length']:.1f}"
             f"  grad {logged['optim/grad_norm']:.3f}  {logged['perf/tokens_per_sec']:.0f} tok/s"
         )
-        if track:
-            wandb.log(logged, step=step)
-        common.append_metrics(args.save_dir, step, logged)
         if step_skipped:
             tqdm.write(f"step {step}: {step_skipped} optimizer step(s) skipped: non-finite loss or gradient norm")
-        skipped_in_a_row = skipped_in_a_row + 1 if step_skipped else 0
-        common.check(
-            skipped_in_a_row < args.max_skipped,
-            f"stopping at step {step}: {skipped_in_a_row} steps in a row had a non-finite loss or gradient norm"
-            f" (--max-skipped {args.max_skipped}); the checkpoints saved before are intact",
-        )
-        if args.eval_every and step % args.eval_every == 0 and step != args.num_steps:
-            run_eval(step)
-        if args.save_dir and args.save_every and step % args.save_every == 0:
-            save(step)
+        end_step(step, logged)
 
-    accuracy = run_eval(args.num_steps)
-    print(f"held-out greedy accuracy: start {start_accuracy:.3f} -> end {accuracy:.3f}"
-          f" ({time.time() - start_time:.0f}s of training)")
-    if args.save_dir and not (args.save_every and args.num_steps % args.save_every == 0):  # else saved already
-        save(args.num_steps)
+    print(f"held-out greedy accuracy: start {start_accuracy:.3f} -> end {logged['eval/accuracy']:.3f}"
+          f" ({time.time() - start_time:.0f}s)")
     if track:
         wandb.finish()
     common.finish_distributed()

@@ -1,16 +1,22 @@
 """Run by test_distributed.py as `torchrun --nproc_per_node 2 tests/distributed_check.py` (not a pytest file).
 
-For one fixed global batch, every script's accumulate_gradients, with the batch split over the processes and
+First, FSDP2 as the scripts use it: a loaded model is never whole on a process after sharding (nor after
+generating or training), and one `generate` call all-gathers each sharded module's parameters once, not once per
+token. Then, for one fixed global batch, every script's accumulate_gradients, with the batch split over the processes and
 the model sharded by FSDP2 (gloo, CPU), must give the gradient that one process gets on the whole batch. The
 batch has completions of unequal lengths, so a token-mean normalised per process instead of globally
 (DAPO's, GFPO's, PPO's) would give a different gradient; off-policy old log-probs make the clipping live.
 """
 
 import copy
+import gc
+import math
 import sys
+import warnings
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -24,13 +30,51 @@ import ppo  # noqa: E402
 CPU = torch.device("cpu")
 
 
-def rows_of(rollout: common.Rollout, rows: slice) -> common.Rollout:
-    fields = {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in vars(rollout).items()}
-    return common.Rollout(**fields)
-
-
 def gradients(*models):
     return torch.cat([common._local(p.grad).flatten() for m in models for p in m.parameters()])
+
+
+def assert_never_whole(model):
+    """Each parameter is a DTensor of which this process holds half, and no live tensor has a weight's full shape."""
+    from torch.distributed.tensor import DTensor
+
+    shapes, shards = set(), set()  # the weights' full shapes; the storages of this process's shards and gradients
+    for name, p in model.named_parameters():
+        assert isinstance(p, DTensor) and p.to_local().numel() <= math.ceil(p.numel() / 2), name
+        shards.update(t.to_local().untyped_storage().data_ptr() for t in (p, p.grad) if t is not None)
+        if p.dim() == 2:
+            shapes.add(tuple(p.shape))
+    with warnings.catch_warnings():  # scanning every object touches deprecated module attributes
+        warnings.simplefilter("ignore")
+        whole = [tuple(o.shape) for o in gc.get_objects() if isinstance(o, torch.Tensor) and not isinstance(o, DTensor)
+                 and tuple(o.shape) in shapes and o.untyped_storage().nbytes() > 0  # resharded: storage freed
+                 and o.untyped_storage().data_ptr() not in shards]
+    assert not whole, whole
+
+
+def check_sharding(tokenizer):
+    calls, all_gather_single = [], torch.distributed.all_gather_single
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return all_gather_single(*args, **kwargs)
+
+    model = common.load_model("tiny", CPU, torch.bfloat16)
+    assert_never_whole(model)
+    sharded = [m for m in model.modules() if common.is_sharded(m)]  # 2 decoder layers and the root
+    eos = common.eos_token_ids(model, tokenizer)
+    torch.distributed.all_gather_single = counted
+    try:
+        rollout = common.generate(model, tokenizer, ["1+2=", "13+45="], 4, 8, 10.0, eos)  # hot: EOS is rare
+    finally:
+        torch.distributed.all_gather_single = all_gather_single
+    assert rollout.completion_ids.shape[1] >= 4  # several decoding steps ran
+    assert 0 < len(calls) <= len(sharded) == 3, (len(calls), len(sharded))
+    assert_never_whole(model)
+    logp, _ = common.completion_logprobs(model, rollout, 1.0)
+    (logp * rollout.completion_mask).sum().backward()
+    assert_never_whole(model)
+    print(f"ok sharding ({len(calls)} all-gathers for {rollout.completion_ids.shape[1]} tokens)")
 
 
 def main():
@@ -39,18 +83,18 @@ def main():
     assert world == 2, "run under torchrun --nproc_per_node 2"
     torch.manual_seed(0)  # the same batch and tensors on both processes
     tokenizer = common.load_tokenizer("tiny")
-    initial = common.load_model("tiny", CPU)
-    initial_critic = common.load_critic("tiny", CPU)
+    check_sharding(tokenizer)
+    # whole models (common.load_model would shard them under torchrun), each process with the same weights
+    initial = common.prepare(AutoModelForCausalLM.from_pretrained(common.TINY_MODEL), gradient_checkpointing=False)
+    initial_critic = common.prepare(AutoModelForTokenClassification.from_pretrained(common.TINY_MODEL, num_labels=1),
+                                    gradient_checkpointing=False)
     with torch.no_grad():  # a live value head (the real one starts at zero)
         initial_critic.score.weight.normal_(0, 0.1)
     eos = common.eos_token_ids(initial, tokenizer)
     rollout = common.generate(initial, tokenizer, ["1+2=", "13+45=", "7+8=", "2+2="], 4, 5, 1.0, eos)
     B, T = rollout.completion_ids.shape  # 16 rows, 8 per process
     assert rollout.lengths.unique().numel() > 1
-    with torch.no_grad():
-        logp, _ = common.completion_logprobs(
-            initial, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, 1.0
-        )
+    logp = common.rollout_logprobs(initial, rollout, 1.0, micro_batch_size=B)
     old_logp = logp + 0.3 * torch.randn_like(logp)
     ref_logp = logp - 0.2
     seq_advantages, token_advantages, returns = torch.randn(B), torch.randn(B, T), torch.randn(B, T)
@@ -63,9 +107,9 @@ def main():
         run(model, critic, rollout, slice(None), B)
         want = gradients(model, critic) if with_critic else gradients(model)
         for micro_batch_size in (B // world, 2):
-            model = common.shard_model(copy.deepcopy(initial))
-            critic = common.shard_model(copy.deepcopy(initial_critic))
-            run(model, critic, rows_of(rollout, share), share, micro_batch_size)
+            model = common.place(copy.deepcopy(initial), CPU, torch.float32)
+            critic = common.place(copy.deepcopy(initial_critic), CPU, torch.float32)
+            run(model, critic, rollout.select(torch.arange(B)[share]), share, micro_batch_size)
             got = gradients(model, critic) if with_critic else gradients(model)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=f"{name}, micro-batch {micro_batch_size}")
         print(f"ok {name}")

@@ -120,54 +120,6 @@ def test_filter_groups_keeps_groups_with_unequal_rewards(rewards, group_size, ex
     assert keep.dtype == torch.bool and keep.tolist() == expected
 
 
-def hand_rollout(input_ids, attention_mask, prompt_len, truncated):
-    input_ids, attention_mask = torch.tensor(input_ids), torch.tensor(attention_mask)
-    completion_ids = input_ids[:, prompt_len:]
-    mask = torch.ones(completion_ids.shape)
-    lengths = torch.full((len(input_ids),), completion_ids.shape[1])
-    entropy = completion_ids.float() / 10  # any per-token values, to see them follow their rows
-    return common.Rollout(
-        input_ids, attention_mask, prompt_len, completion_ids, mask, lengths, torch.tensor(truncated), entropy,
-        -entropy,
-    )
-
-
-def test_concat_rollouts_left_pads_prompts_to_the_widest_and_take_rows_selects():
-    # round 1: prompts 2 wide; round 2: prompts 3 wide (its first row already left-padded with 0)
-    first = hand_rollout([[5, 6, 7, 8], [5, 4, 9, 9]], [[1, 1, 1, 1], [1, 1, 1, 1]], 2, [False, True])
-    second = hand_rollout([[0, 4, 5, 6, 7], [3, 4, 5, 8, 9]], [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], 3, [True, False])
-    both = dapo.concat_rollouts([first, second], pad_id=99)
-    # round 1 rows get one pad (id 99, attention 0) on the left; round 2 rows are unchanged
-    assert both.prompt_len == 3
-    assert both.input_ids.tolist() == [[99, 5, 6, 7, 8], [99, 5, 4, 9, 9], [0, 4, 5, 6, 7], [3, 4, 5, 8, 9]]
-    assert both.attention_mask.tolist() == [[0, 1, 1, 1, 1], [0, 1, 1, 1, 1], [0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
-    assert both.completion_ids.tolist() == [[7, 8], [9, 9], [6, 7], [8, 9]]
-    assert both.truncated.tolist() == [False, True, True, False]
-    assert both.lengths.tolist() == [2, 2, 2, 2] and both.completion_mask.shape == (4, 2)
-    picked = dapo.take_rows(both, torch.tensor([3, 0]))
-    assert picked.prompt_len == 3
-    assert picked.input_ids.tolist() == [[3, 4, 5, 8, 9], [99, 5, 6, 7, 8]]
-    assert picked.truncated.tolist() == [False, False]
-    torch.testing.assert_close(picked.entropy, torch.tensor([[0.8, 0.9], [0.7, 0.8]]))
-    torch.testing.assert_close(picked.logprobs, -picked.entropy)
-
-
-def test_concat_rollouts_leaves_the_logprobs_unchanged(tiny):
-    # "1+2=" is 4 tokens and "13+45=" 6: the first rollout gets 2 more pad tokens in the concatenation,
-    # which the attention mask and position ids must make invisible
-    model, tokenizer, eos = tiny
-    torch.manual_seed(0)
-    rollouts = [common.generate(model, tokenizer, [p], 2, 3, 1.0, eos) for p in ("1+2=", "13+45=")]
-    both = dapo.concat_rollouts(rollouts, tokenizer.pad_token_id)
-    assert [r.prompt_len for r in rollouts] == [4, 6] and both.prompt_len == 6
-
-    def logprobs(r):
-        return common.completion_logprobs(model, r.input_ids, r.attention_mask, r.prompt_len, 1.0)[0]
-
-    with torch.no_grad():
-        torch.testing.assert_close(logprobs(both), torch.cat([logprobs(r) for r in rollouts]), rtol=1e-5, atol=1e-5)
-
-
 def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout):  # noqa: F811
     model, rollout = tiny_rollout
     args = dapo.resolve_args(dapo.Args())

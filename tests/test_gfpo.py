@@ -192,9 +192,9 @@ def test_filtered_completions_get_no_forward_pass(monkeypatch, k, rows):
     seen = []
     completion_logprobs = common.completion_logprobs
 
-    def spy(model, input_ids, *args, **kwargs):
-        seen.append(input_ids.shape[0])
-        return completion_logprobs(model, input_ids, *args, **kwargs)
+    def spy(model, rollout, *args, **kwargs):
+        seen.append(len(rollout.lengths))
+        return completion_logprobs(model, rollout, *args, **kwargs)
 
     monkeypatch.setattr(common, "completion_logprobs", spy)
     gfpo.main(gfpo.Args(num_steps=1, num_prompts=2, k=k, eval_every=0))

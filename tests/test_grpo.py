@@ -105,8 +105,7 @@ def tiny_rollout(tiny):
 
 def off_policy_logprobs(model, rollout, noise):
     """The rollout's log-probs under `model`, shifted by `noise` x N(0, 1) so the ratio is off 1."""
-    with torch.no_grad():
-        logp, _ = common.completion_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, 1.0)
+    logp = common.rollout_logprobs(model, rollout, 1.0, micro_batch_size=len(rollout.lengths))
     return logp + noise * torch.randn_like(logp)
 
 
@@ -119,22 +118,7 @@ def assert_micro_batches_add_up(model, accumulate, minibatch_size, micro_batch_s
         accumulate(micro_batch_size)
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
-    # the minibatch's rows come shuffled; accumulate_gradients puts each prompt's rows side by side, so that
-    # the backbone runs every distinct prompt of the minibatch once (common._prompt_group_sizes)
-    runs, group_sizes = [], common._prompt_group_sizes
-
-    def recording(model, input_ids, attention_mask, prompt_len):
-        sizes = group_sizes(model, input_ids, attention_mask, prompt_len)
-        prompts = torch.cat([input_ids[:, :prompt_len], attention_mask[:, :prompt_len]], dim=1).unique(dim=0)
-        runs.append((len(input_ids) if sizes is None else len(sizes), len(prompts)))
-        return sizes
-
-    common._prompt_group_sizes = recording
-    try:
-        whole = gradient(minibatch_size)
-    finally:
-        common._prompt_group_sizes = group_sizes
-    assert runs and all(backbone_runs == distinct for backbone_runs, distinct in runs), runs
+    whole = gradient(minibatch_size)
     assert whole.abs().sum() > 0
     for micro_batch_size in micro_batch_sizes:
         torch.testing.assert_close(gradient(micro_batch_size), whole, rtol=1e-4, atol=1e-6)
@@ -185,10 +169,7 @@ def test_on_policy_shortcut_equals_the_old_logprob_pass(tiny_rollout):
     model, rollout = tiny_rollout
     args = grpo.resolve_args(grpo.Args(beta=0.04))
     B = rollout.input_ids.shape[0]
-    with torch.no_grad():
-        old_logp, _ = common.completion_logprobs(
-            model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, 1.0
-        )
+    old_logp = common.rollout_logprobs(model, rollout, 1.0, micro_batch_size=5)  # 12 rows: 5, 5 and 2
     ref_logp, advantages, minibatch = old_logp - 0.2, torch.randn(B), torch.arange(B)
 
     def run(old):

@@ -15,10 +15,23 @@ PAPER_EPS = (3e-4, 4e-4)  # GSPO section 5.1: clip range 0.9997 .. 1.0004
 WIDE_EPS = (0.5, 0.5)  # 0.5 .. 1.5: nothing below is clipped by it
 
 
+def gspo_token_loss(logp, old_logp, advantages, mask, clip_eps_low, clip_eps_high):
+    """GSPO-token (GSPO section 4.3): s_{i,t} = sg[s_i] * pi(o_{i,t}) / sg[pi(o_{i,t})], clipped per token,
+    averaged per completion, then over completions. It differs from GSPO only for per-token advantages, so it is
+    not in gspo.py: with one advantage per completion it must equal gspo.compute_policy_loss (tested below)."""
+    lengths = mask.sum(dim=1).clamp(min=1)
+    log_seq_ratio = ((logp - old_logp) * mask).sum(dim=1) / lengths
+    # log s_{i,t} = sg[log s_i] + logp - sg[logp]: value s_i, gradient that of logp alone
+    ratio = torch.exp(log_seq_ratio.detach()[:, None] + logp - logp.detach())
+    adv = advantages[:, None]
+    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high) * adv)
+    return -((surrogate * mask).sum(dim=1) / lengths).mean()
+
+
 def loss_and_grad(logp, old_logp, adv, mask, eps=PAPER_EPS, loss_fn=gspo.compute_policy_loss):
     logp = logp.clone().requires_grad_(True)
     out = loss_fn(logp, old_logp, adv, mask, *eps)
-    loss, metrics = out if isinstance(out, tuple) else (out, None)  # compute_policy_loss_token returns the loss only
+    loss, metrics = out if isinstance(out, tuple) else (out, None)  # gspo_token_loss returns the loss only
     loss.backward()
     return loss.item(), logp.grad, metrics
 
@@ -129,7 +142,7 @@ def test_gspo_token_equals_gspo_in_value_and_gradient(case):
     #   loss = -(1 * e^0.1 - 2 * e^-0.2)/2 = -(1.105171 - 1.637462)/2 = 0.532291/2 = 0.266145
     logp, old_logp, adv, mask, eps = case
     loss, grad, _ = loss_and_grad(logp, old_logp, adv, mask, eps)
-    token_loss, token_grad, _ = loss_and_grad(logp, old_logp, adv, mask, eps, gspo.compute_policy_loss_token)
+    token_loss, token_grad, _ = loss_and_grad(logp, old_logp, adv, mask, eps, gspo_token_loss)
     assert token_loss == pytest.approx(loss, abs=1e-7)
     torch.testing.assert_close(token_grad, grad)
     if eps == WIDE_EPS:

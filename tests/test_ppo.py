@@ -175,8 +175,11 @@ def test_critic_is_the_policy_backbone_with_a_zero_head(tiny):
     backbone = dict(policy.base_model.named_parameters())
     assert all(torch.equal(p, backbone[name]) for name, p in fresh.base_model.named_parameters())
     ids = tokenizer(["1+2=3", "13+4=17"], return_tensors="pt", padding=True, add_special_tokens=False)
-    values = ppo.completion_values(fresh, ids.input_ids, ids.attention_mask, prompt_len=4)
-    assert values.shape == (2, ids.input_ids.shape[1] - 4) and torch.equal(values, torch.zeros_like(values))
+    P = ids.input_ids.shape[1] - 4  # prompt columns: completions are the last 4 tokens
+    rollout = common.Rollout(ids.input_ids[:, :P], ids.attention_mask[:, :P], ids.input_ids[:, P:],
+                             torch.ones(2, 4), torch.tensor([4, 4]), torch.tensor([True, True]), torch.zeros(2, 4))
+    values = ppo.completion_values(fresh, rollout)
+    assert values.shape == (2, 4) and torch.equal(values, torch.zeros_like(values))
 
 
 def test_values_are_read_at_the_state_before_each_token(tiny, critic):
@@ -186,8 +189,10 @@ def test_values_are_read_at_the_state_before_each_token(tiny, critic):
     _, tokenizer, _ = tiny
     prompt = tokenizer("1+2=", add_special_tokens=False).input_ids
     a, b, z = (tokenizer(c, add_special_tokens=False).input_ids[0] for c in "370")
-    input_ids = torch.tensor([prompt + [a, z], prompt + [b, z]])
-    values = ppo.completion_values(critic, input_ids, torch.ones_like(input_ids), len(prompt))
+    prompt_ids, completion_ids = torch.tensor([prompt, prompt]), torch.tensor([[a, z], [b, z]])
+    rollout = common.Rollout(prompt_ids, torch.ones_like(prompt_ids), completion_ids, torch.ones(2, 2),
+                             torch.tensor([2, 2]), torch.tensor([True, True]), torch.zeros(2, 2))
+    values = ppo.completion_values(critic, rollout)
     assert values.shape == (2, 2)
     torch.testing.assert_close(values[0, 0], values[1, 0])
     assert (values[0, 1] - values[1, 1]).abs() > 1e-4
@@ -202,7 +207,7 @@ def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout, cri
     torch.manual_seed(1)
     old_logp = off_policy_logprobs(model, rollout, 0.3)
     with torch.no_grad():
-        old_values = ppo.completion_values(critic, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+        old_values = ppo.completion_values(critic, rollout)
     old_values = old_values + 0.3 * torch.randn_like(old_values)
     advantages, returns, minibatch = torch.randn(B, T), torch.randn(B, T), torch.randperm(B)
     # the policy's and the critic's gradients, checked together as one module list

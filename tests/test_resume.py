@@ -66,9 +66,10 @@ def test_kill_and_resume_equals_an_unbroken_run(script, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed from" in result.stdout
     got, want = metrics(killed), metrics(unbroken)
-    assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5, 6]  # the rows logged after step 3 before the kill are gone
+    # step 0 is the start's evaluation; the rows logged after step 3 before the kill are gone
+    assert sorted(got) == sorted(want) == [0, 1, 2, 3, 4, 5, 6]
     for step in want:
-        assert got[step]["reward/mean"] == want[step]["reward/mean"], step
+        assert got[step].get("reward/mean") == want[step].get("reward/mean"), step  # step 0: the start's evaluation
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
     assert_same_weights(killed / "step_6", unbroken / "step_6")
 
@@ -84,7 +85,7 @@ def train(script, save_dir, **fields):
 def test_same_seed_same_run(script, tmp_path):
     first, second = train(script, tmp_path / "first"), train(script, tmp_path / "second")
     assert first == second
-    assert len({row["reward/mean"] for row in first.values()}) > 1 or first[1]["loss/policy"] != 0  # not all empty
+    assert len({first[step]["reward/mean"] for step in (1, 2, 3)}) > 1 or first[1]["loss/policy"] != 0  # not empty
     assert_same_weights(tmp_path / "first" / "step_3", tmp_path / "second" / "step_3")
 
 
@@ -125,7 +126,7 @@ def test_non_finite_steps_in_a_row_stop_the_run(script, tmp_path, monkeypatch):
     poison_rewards(monkeypatch, calls=set(range(1000)))
     with pytest.raises(common.UserError, match=r"stopping at step 3: 3 steps in a row .* \(--max-skipped 3\)"):
         train(script, tmp_path, num_steps=5, save_every=1)
-    assert sorted(metrics(tmp_path)) == [1, 2, 3]
+    assert sorted(metrics(tmp_path)) == [0, 1, 2, 3]
     assert [p.name for p in common.checkpoints(tmp_path)] == ["step_1", "step_2"]  # step 3 stopped before saving
 
 
