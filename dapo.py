@@ -1,12 +1,10 @@
 """DAPO: Decoupled Clip and Dynamic sAmpling Policy Optimization (ByteDance Seed, arXiv 2503.14476, eq. 8-13).
 
-GRPO (grpo.py) with five changes, each its own block below: clip-higher (the ratio is clipped to 1 - 0.2 ..
-1 + 0.28, section 3.1); a token-mean loss, normalised by the token count of the whole minibatch (eq. 8); no KL
-term and no reference model; dynamic sampling, which drops the groups whose rewards are all equal and generates
-more prompt batches until --num-prompts groups survive (eq. 11); and the soft overlong punishment added to the
-reward (eq. 13), with overlong filtering as the --mask-truncated flag. Both presets take several optimizer
-steps per rollout batch, so the clip is live. The choices where papers and implementations differ are in
-docs/dapo.md.
+GRPO (grpo.py) with five changes, each its own block below: clip-higher (the ratio clipped to 1 - 0.2 .. 1 + 0.28,
+section 3.1); a token-mean loss over the whole minibatch (eq. 8); no KL term and no reference model; dynamic
+sampling, which drops groups whose rewards are all equal and generates more until --num-prompts groups survive
+(eq. 11); and the soft overlong punishment added to the reward (eq. 13), with overlong filtering as a flag. Both
+presets take several optimizer steps per rollout batch, so the clip is live. More in docs/dapo.md.
 """
 
 import os
@@ -20,6 +18,7 @@ import tyro
 from tqdm import tqdm
 
 import common
+import tasks
 
 SCRIPT = os.path.basename(__file__)  # recorded in checkpoints: --resume refuses another script's
 
@@ -33,7 +32,7 @@ class Args:
     model: str = "tiny"
     """hub id or local folder of a causal LM; `tiny` is the model shipped in assets/"""
     task: Optional[str] = None
-    """arithmetic, countdown, gsm8k or jsonl:PATH (default: from the preset)"""
+    """arithmetic, countdown, gsm8k, gsm8k:PATH (a jsonl file in GSM8K's format) or jsonl:PATH (default: preset)"""
     preset: Literal["auto", "tiny", "paper"] = "auto"
     """where unset defaults come from: `auto` picks `tiny` for the embedded model, `paper` otherwise"""
     device: str = "auto"
@@ -102,7 +101,7 @@ class Args:
     """Weights and Biases entity (team)"""
 
 
-# Values for the fields left as None. `tiny`: the embedded model and task, minutes on a laptop CPU.
+# Values for the fields left as None. `tiny`: the embedded model and task, a few minutes on a laptop CPU.
 # `paper`: DAPO's settings (G 16, lr 1e-6, 16 optimizer steps per rollout batch) on GSM8K.
 PRESETS = {
     "tiny": dict(task="arithmetic", num_steps=250, max_new_tokens=4, learning_rate=5e-4, num_minibatches=4,
@@ -110,7 +109,6 @@ PRESETS = {
     "paper": dict(task="gsm8k", num_steps=1000, max_new_tokens=512, learning_rate=1e-6, num_minibatches=16,
                   eval_every=50, micro_batch_size=8),
 }
-ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def resolve_args(args: Args) -> Args:
@@ -128,40 +126,16 @@ def resolve_args(args: Args) -> Args:
 
 def validate_args(args: Args, world_size: int = 1):
     """Every flag in range; under torchrun the batch is split over `world_size` processes."""
-    check = common.check
-    check(args.group_size >= 2, f"--group-size {args.group_size}: must be at least 2 (advantages compare a group)")
-    check(args.num_prompts >= 1, f"--num-prompts {args.num_prompts}: must be at least 1")
-    check(args.num_steps >= 1, f"--num-steps {args.num_steps}: must be at least 1")
-    check(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    check(args.temperature > 0, f"--temperature {args.temperature}: must be positive")
-    check(args.learning_rate > 0, f"--learning-rate {args.learning_rate}: must be positive")
-    check(args.clip_eps_low >= 0, f"--clip-eps-low {args.clip_eps_low}: must be 0 or more")
-    check(args.clip_eps_high >= args.clip_eps_low,
-          f"--clip-eps-high {args.clip_eps_high}: must be at least --clip-eps-low ({args.clip_eps_low})")
-    check(0 <= args.overlong_buffer <= args.max_new_tokens,
-          f"--overlong-buffer {args.overlong_buffer}: must be between 0 and --max-new-tokens ({args.max_new_tokens})")
-    check(args.max_gen_batches >= 1, f"--max-gen-batches {args.max_gen_batches}: must be at least 1")
-    check(args.adv_eps >= 0, f"--adv-eps {args.adv_eps}: must be 0 or more")
-    check(args.max_grad_norm > 0, f"--max-grad-norm {args.max_grad_norm}: must be positive")
-    check(args.update_epochs >= 1, f"--update-epochs {args.update_epochs}: must be at least 1")
-    check(args.logprob_chunk_size >= 1, f"--logprob-chunk-size {args.logprob_chunk_size}: must be at least 1")
-    check(args.attn_implementation in ATTENTION,
-          f"--attn-implementation {args.attn_implementation}: choose one of {', '.join(ATTENTION)}")
-    check(args.num_prompts % world_size == 0,
-          f"--num-prompts {args.num_prompts}: must be divisible by the number of processes ({world_size})")
-    batch = args.num_prompts // world_size * args.group_size
-    check(args.num_minibatches >= 1 and batch % args.num_minibatches == 0,
-          f"--num-minibatches {args.num_minibatches}: must divide the rollout batch of {batch} completions"
-          f" (--num-prompts x --group-size / processes)")
-    minibatch = batch // args.num_minibatches
-    micro = args.micro_batch_size or minibatch
-    check(micro >= 1 and minibatch % micro == 0,
-          f"--micro-batch-size {args.micro_batch_size}: must divide the minibatch of {minibatch} completions")
-    check(args.eval_every >= 0 and args.save_every >= 0, "--eval-every and --save-every must be 0 or more")
-    check(args.eval_batch_size is None or args.eval_batch_size >= 1,
-          f"--eval-batch-size {args.eval_batch_size}: must be at least 1")
-    check(args.keep_last >= 0, f"--keep-last {args.keep_last}: must be 0 (keep all) or more")
-    check(args.max_skipped >= 1, f"--max-skipped {args.max_skipped}: must be at least 1")
+    common.check_flags(args, dict(
+        num_steps=1, num_prompts=1, group_size=2, max_new_tokens=1, update_epochs=1, logprob_chunk_size=1,
+        eval_batch_size=1, max_skipped=1, clip_eps_low=0, overlong_buffer=0, max_gen_batches=1, adv_eps=0,
+        eval_every=0, save_every=0, keep_last=0,
+    ), positive=("temperature", "learning_rate", "max_grad_norm"))
+    common.check(args.clip_eps_high >= args.clip_eps_low,
+                 f"--clip-eps-high {args.clip_eps_high}: must be at least --clip-eps-low ({args.clip_eps_low})")
+    common.check(args.overlong_buffer <= args.max_new_tokens,
+                 f"--overlong-buffer {args.overlong_buffer}: must be at most --max-new-tokens ({args.max_new_tokens})")
+    common.check_batches(args, args.group_size, "--group-size", world_size)
 
 
 def compute_advantages(rewards: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
@@ -189,21 +163,9 @@ def filter_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (grouped != grouped[:, :1]).any(dim=1)
 
 
-def compute_policy_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_eps_low: float,
-    clip_eps_high: float,
-    num_tokens,
-):
-    """DAPO objective, eq. 8, as a loss: clipped surrogate with decoupled clip range, token-mean, no KL.
-
-    logp, old_logp, mask: (B, T) over completion tokens; advantages: (B,); num_tokens: the token count of the
-    whole minibatch these rows belong to. Returns the loss (a scalar) and a dict of detached metrics, all
-    divided by `num_tokens`, so the losses and metrics of a minibatch's micro-batches add up to the minibatch's.
-    """
+def compute_policy_loss(logp, old_logp, advantages, mask, clip_eps_low: float, clip_eps_high: float, num_tokens):
+    """DAPO objective, eq. 8, as a loss (clip-higher, token-mean, no KL); returns it and detached metrics, all divided
+    by num_tokens, the minibatch's token count, so micro-batches add up. logp, old_logp, mask: (B, T); adv.: (B,)."""
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
     # clip-higher (DAPO section 3.1): 1 - eps_low below, 1 + eps_high above
@@ -259,24 +221,22 @@ def main(args: Args):
     print("resolved arguments: " + ", ".join(f"{k}={v}" for k, v in asdict(args).items()))
 
     tokenizer = common.load_tokenizer(args.model)
-    task = common.load_task(args.task)
+    task = tasks.load_task(args.task)
     # fp32 weights; in bf16 or under torchrun FSDP2 shards them and computes in `dtype` (common.place)
     model = common.load_model(args.model, device, dtype, args.attn_implementation, args.gradient_checkpointing)
     eos_ids = common.eos_token_ids(model, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
-    prompts = common.PromptStream(task.train, args.seed)
+    prompts = tasks.PromptStream(task.train, args.seed)
     models, optimizers = {"policy": model}, {"policy": optimizer}  # what a checkpoint saves and --resume restores
     if track:
         import wandb
-
         wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.exp_name, config=asdict(args))
 
     def run_eval(step):
-        accuracy, samples = common.evaluate(model, tokenizer, task, args.max_new_tokens, eos_ids, args.eval_batch_size)
+        accuracy, samples = tasks.evaluate(model, tokenizer, task, args.max_new_tokens, eos_ids, args.eval_batch_size)
         tqdm.write(f"step {step}: held-out greedy accuracy {accuracy:.3f} ({len(task.eval)} prompts)")
-        if track:
-            wandb.log({"eval/samples": wandb.Table(columns=["prompt", "completion", "reward"],
-                                                   data=[list(s) for s in samples[:8]])}, step=step)
+        if track:  # a few completions, to read
+            wandb.log({"eval/samples": wandb.Table(["prompt", "completion", "reward"], samples[:8])}, step=step)
         return accuracy
 
     def save(step):
@@ -285,8 +245,7 @@ def main(args: Args):
                                           args.keep_last)
         tqdm.write(f"saved {path}")
 
-    def end_step(step, logged):
-        """Evaluation when due, the step's metrics logged, the stop after non-finite steps, a checkpoint when due."""
+    def end_step(step, logged):  # evaluation when due, metrics, the stop after non-finite steps, checkpoints
         if args.eval_every and step % args.eval_every == 0 or step == args.num_steps:
             logged["eval/accuracy"] = run_eval(step)
         common.log_metrics(args.save_dir, step, {**logged, "perf/elapsed": time.time() - start_time}, track)
@@ -325,7 +284,7 @@ def main(args: Args):
             rollout = common.generate(model, tokenizer, texts, args.group_size, args.max_new_tokens, args.temperature,
                                       eos_ids)
             completions = common.decode_completions(tokenizer, rollout)
-            task_rewards = common.score(task, completions, rows, args.group_size).to(device)
+            task_rewards = tasks.score(task, completions, rows, args.group_size).to(device)
             # soft overlong punishment (DAPO eq. 13), added to the task reward
             penalty = overlong_penalty(rollout.lengths, args.max_new_tokens, args.overlong_buffer)
             survivors = filter_groups(task_rewards, args.group_size).nonzero().squeeze(1)
@@ -340,7 +299,8 @@ def main(args: Args):
         # torchrun: every process trains on as many groups as the one with the fewest (FSDP's passes must match)
         num_groups = common.min_over_processes(num_groups, device)
         all_rewards, all_penalty, all_lengths, all_truncated = (torch.cat(x) for x in zip(*generated))
-        dynamic = {"dapo/gen_batches": gen_batches, "dapo/dropped_groups": dropped_groups, "dapo/kept_groups": num_groups}
+        dynamic = {"dapo/gen_batches": gen_batches, "dapo/dropped_groups": dropped_groups,
+                   "dapo/kept_groups": num_groups}
         if num_groups == 0:  # every group of every round had equal rewards: nothing to learn, no update
             tqdm.write(f"step {step}: all {dropped_groups} groups of {gen_batches} generation batches had equal"
                        " rewards; update skipped")
@@ -368,8 +328,7 @@ def main(args: Args):
         if args.update_epochs > 1 or args.num_minibatches > 1:
             old_logp = common.rollout_logprobs(model, rollout, args.temperature, micro_batch_size)
 
-        # 4. update_epochs x num_minibatches optimizer steps, each accumulated over micro-batches; a step whose
-        # loss or gradient norm is not finite is skipped (one host sync per optimizer step to know)
+        # 4. update_epochs x num_minibatches optimizer steps over micro-batches; a non-finite one is skipped
         step_metrics, step_skipped = [], 0
         for epoch in range(args.update_epochs):
             order = torch.randperm(batch_size, device=device)
@@ -398,7 +357,7 @@ def main(args: Args):
             "reward/std": all_rewards.std(),
             "completion/mean_length": all_lengths.float().mean(),
             "completion/truncated_frac": all_truncated.float().mean(),
-            "policy/entropy": (rollout.entropy * mask).sum() / tokens,
+            "policy/entropy": (rollout.entropy * mask).sum() / mask.sum(),
             "optim/grad_norm": grad_norm,
             "groups/zero_std_frac": (all_rewards.view(-1, args.group_size).std(dim=1) == 0).float().mean(),
             "dapo/overlong_penalty": all_penalty.mean(),
@@ -412,11 +371,9 @@ def main(args: Args):
             "perf/time_train": time_train,
             **dynamic,
         })
-        tqdm.write(
-            f"step {step}: reward {logged['reward/mean']:.3f}  loss {logged['loss/policy']:+.4f}"
-            f"  batches {gen_batches}  kept {num_groups}  len {logged['completion/mean_length']:.1f}"
-            f"  grad {logged['optim/grad_norm']:.3f}  {logged['perf/tokens_per_sec']:.0f} tok/s"
-        )
+        tqdm.write(f"step {step}: reward {logged['reward/mean']:.3f}  loss {logged['loss/policy']:+.4f}"
+                   f"  batches {gen_batches}  kept {num_groups}  len {logged['completion/mean_length']:.1f}"
+                   f"  grad {logged['optim/grad_norm']:.3f}  {logged['perf/tokens_per_sec']:.0f} tok/s")
         if step_skipped:
             tqdm.write(f"step {step}: {step_skipped} optimizer step(s) skipped: non-finite loss or gradient norm")
         end_step(step, logged)

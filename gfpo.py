@@ -1,12 +1,9 @@
 """GFPO: Group Filtered Policy Optimization (Microsoft, arXiv 2508.09726, eq. 2, Algorithms 1-2).
 
 GRPO (grpo.py) with a filter: sample G completions per prompt, retain the k that score best on --metric (the
-shortest, or the most reward per token) and train on those alone, with advantages normalised inside the retained
-set (population std, as the paper writes it) and zero for the rest, which get no forward or backward pass at
-all. Sampling more and learning only from concise completions teaches the policy to answer briefly. The loss is
-a token-mean over the retained tokens of the minibatch (paper footnote 1), with an entropy bonus (--ent-coef);
---adaptive-k sets k per prompt from its difficulty (Algorithm 2). The choices where papers and implementations
-differ are in docs/gfpo.md.
+shortest, or the most reward per token) and train on those alone, with advantages normalised within them; the
+rest get no forward or backward pass, and the policy learns brevity. The loss is a token-mean with an entropy
+bonus; --adaptive-k sets k per prompt from its difficulty (Algorithm 2). More in docs/gfpo.md.
 """
 
 import math
@@ -21,6 +18,7 @@ import tyro
 from tqdm import tqdm
 
 import common
+import tasks
 
 SCRIPT = os.path.basename(__file__)  # recorded in checkpoints: --resume refuses another script's
 
@@ -34,7 +32,7 @@ class Args:
     model: str = "tiny"
     """hub id or local folder of a causal LM; `tiny` is the model shipped in assets/"""
     task: Optional[str] = None
-    """arithmetic, countdown, gsm8k or jsonl:PATH (default: from the preset)"""
+    """arithmetic, countdown, gsm8k, gsm8k:PATH (a jsonl file in GSM8K's format) or jsonl:PATH (default: preset)"""
     preset: Literal["auto", "tiny", "paper"] = "auto"
     """where unset defaults come from: `auto` picks `tiny` for the embedded model, `paper` otherwise"""
     device: str = "auto"
@@ -48,7 +46,7 @@ class Args:
     num_prompts: int = 16
     """prompts per rollout batch, over all processes under torchrun"""
     group_size: int = 16
-    """completions sampled per prompt (G); only k of them are trained on"""
+    """completions sampled per prompt (G)"""
     k: int = 8
     """completions retained per prompt for the update (GFPO: 8 of G = 16)"""
     metric: str = "token_efficiency"
@@ -105,14 +103,13 @@ class Args:
     """Weights and Biases entity (team)"""
 
 
-# Values for the fields left as None. `tiny`: the embedded model and task, minutes on a laptop CPU.
+# Values for the fields left as None. `tiny`: the embedded model and task, a few minutes on a laptop CPU.
 # `paper`: GFPO's KL coefficient (beta 0.001) with grpo.py's lr 1e-6 on GSM8K.
 PRESETS = {
     "tiny": dict(task="arithmetic", num_steps=1000, max_new_tokens=4, learning_rate=5e-4, beta=0.04, eval_every=100),
     "paper": dict(task="gsm8k", num_steps=1000, max_new_tokens=512, learning_rate=1e-6, beta=0.001, eval_every=50,
                   micro_batch_size=8),
 }
-ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def resolve_args(args: Args) -> Args:
@@ -128,51 +125,22 @@ def resolve_args(args: Args) -> Args:
 
 def validate_args(args: Args, world_size: int = 1):
     """Every flag in range; under torchrun the batch is split over `world_size` processes."""
-    check = common.check
-    check(args.group_size >= 2, f"--group-size {args.group_size}: must be at least 2 (advantages compare a group)")
-    check(args.metric in ("length", "token_efficiency"), f"--metric {args.metric}: choose length or token_efficiency")
-    check(2 <= args.k < args.group_size,  # k = G is GRPO, k = 1 leaves nothing to compare
-          f"--k {args.k}: must be at least 2 and less than --group-size {args.group_size} (k of G are retained)")
-    check(not (args.adaptive_k and world_size > 1), "--adaptive-k: one process only (the retained rows would"
-          " differ between processes, whose FSDP passes must match)")
-    check(args.num_prompts >= 1, f"--num-prompts {args.num_prompts}: must be at least 1")
-    check(args.num_steps >= 1, f"--num-steps {args.num_steps}: must be at least 1")
-    check(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    check(args.temperature > 0, f"--temperature {args.temperature}: must be positive")
-    check(args.learning_rate > 0, f"--learning-rate {args.learning_rate}: must be positive")
-    check(args.beta >= 0, f"--beta {args.beta}: must be 0 or more")
-    check(args.clip_eps >= 0, f"--clip-eps {args.clip_eps}: must be 0 or more")
-    check(args.adv_eps >= 0, f"--adv-eps {args.adv_eps}: must be 0 or more")
-    check(args.ent_coef >= 0, f"--ent-coef {args.ent_coef}: must be 0 or more")
-    check(args.max_grad_norm > 0, f"--max-grad-norm {args.max_grad_norm}: must be positive")
-    check(args.update_epochs >= 1, f"--update-epochs {args.update_epochs}: must be at least 1")
-    check(args.logprob_chunk_size >= 1, f"--logprob-chunk-size {args.logprob_chunk_size}: must be at least 1")
-    check(args.attn_implementation in ATTENTION,
-          f"--attn-implementation {args.attn_implementation}: choose one of {', '.join(ATTENTION)}")
-    check(args.num_prompts % world_size == 0,
-          f"--num-prompts {args.num_prompts}: must be divisible by the number of processes ({world_size})")
-    batch = args.num_prompts // world_size * args.k  # GFPO: only the retained completions are trained on
-    check(args.num_minibatches >= 1 and batch % args.num_minibatches == 0,
-          f"--num-minibatches {args.num_minibatches}: must divide the {batch} retained completions"
-          f" (--num-prompts x --k / processes)")
-    minibatch = batch // args.num_minibatches
-    micro = args.micro_batch_size or minibatch
-    check(micro >= 1 and minibatch % micro == 0,
-          f"--micro-batch-size {args.micro_batch_size}: must divide the minibatch of {minibatch} completions")
-    check(args.eval_every >= 0 and args.save_every >= 0, "--eval-every and --save-every must be 0 or more")
-    check(args.eval_batch_size is None or args.eval_batch_size >= 1,
-          f"--eval-batch-size {args.eval_batch_size}: must be at least 1")
-    check(args.keep_last >= 0, f"--keep-last {args.keep_last}: must be 0 (keep all) or more")
-    check(args.max_skipped >= 1, f"--max-skipped {args.max_skipped}: must be at least 1")
+    common.check_flags(args, dict(
+        num_steps=1, num_prompts=1, group_size=2, max_new_tokens=1, update_epochs=1, logprob_chunk_size=1,
+        eval_batch_size=1, max_skipped=1, beta=0, clip_eps=0, adv_eps=0, ent_coef=0, eval_every=0, save_every=0,
+        keep_last=0,
+    ), positive=("temperature", "learning_rate", "max_grad_norm"))
+    common.check(args.metric in ("length", "token_efficiency"), f"--metric {args.metric}: length or token_efficiency")
+    common.check(2 <= args.k < args.group_size,  # k = G is GRPO, k = 1 leaves nothing to compare
+                 f"--k {args.k}: must be at least 2 and less than --group-size {args.group_size}")
+    common.check(not (args.adaptive_k and world_size > 1), "--adaptive-k: one process only (the retained rows would"
+                 " differ between processes, whose FSDP passes must match)")
+    common.check_batches(args, args.k, "--k", world_size)  # GFPO: only the retained completions are trained on
 
 
 def select_retained(rewards: torch.Tensor, lengths: torch.Tensor, group_size: int, k, metric: str) -> torch.Tensor:
-    """GFPO Algorithm 1: per prompt, retain the k of its G completions that score best on `metric`.
-
-    rewards, lengths: (B,) with B = N x G; k: an int, or (N,) integers, one per prompt. `length` retains the k
-    shortest, `token_efficiency` the k highest reward / length; ties go to the lower index (stable sort).
-    Returns a bool keep-mask of shape (B,).
-    """
+    """GFPO Algorithm 1: a keep-mask (B,) of the k of each prompt's G completions that score best on `metric`
+    (`length`: the shortest; `token_efficiency`: the highest reward / length), ties to the lower index; k: int, (N,)"""
     lengths = lengths.float()
     score = -lengths if metric == "length" else rewards / lengths  # higher is better
     order = torch.sort(score.view(-1, group_size), dim=1, descending=True, stable=True).indices
@@ -182,13 +150,9 @@ def select_retained(rewards: torch.Tensor, lengths: torch.Tensor, group_size: in
 
 
 def adaptive_k(difficulty: torch.Tensor, history: torch.Tensor, k: int, min_history: int) -> torch.Tensor:
-    """GFPO Algorithm 2: retained k per prompt from the quartile of the history its difficulty falls in.
-
-    difficulty: (N,) mean reward of each prompt's G completions (low = hard); history: every difficulty seen so
-    far. Until the history holds `min_history` values every prompt keeps k. Then, with q25/q50/q75 the quartiles
-    of the history: below q25 k, below q50 k, below q75 ceil(3k/4), else ceil(k/2), never below 2 (the paper's
-    8, 8, 6, 4 at k = 8). Returns (N,) long.
-    """
+    """GFPO Algorithm 2: k per prompt (N,) from where its difficulty (mean reward, low = hard) falls in the history's
+    quartiles: below q25 or q50 k, below q75 ceil(3k/4), else ceil(k/2), at least 2 (the paper's 8, 8, 6, 4 at k = 8);
+    k for every prompt until the history holds `min_history` values."""
     if history.numel() < min_history:
         return torch.full(difficulty.shape, k, dtype=torch.long, device=difficulty.device)
     quartiles = torch.quantile(history.float(), torch.tensor([0.25, 0.5, 0.75], device=history.device))
@@ -208,23 +172,9 @@ def compute_advantages(rewards: torch.Tensor, keep: torch.Tensor, group_size: in
     return (kept * (grouped - mean) / (std + eps)).view(-1)
 
 
-def compute_policy_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    ref_logp: Optional[torch.Tensor],
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_eps: float,
-    beta: float,
-    num_tokens,
-):
-    """GFPO objective, eq. 2: GRPO's clipped surrogate with the k3 KL of DeepSeekMath eq. 4, aggregated as a
-    token-mean over the retained completions (paper footnote 1).
-
-    logp, old_logp, ref_logp, mask: (B, T) over completion tokens; advantages: (B,); num_tokens: the token count of
-    the whole minibatch these rows belong to (the token-mean's denominator).
-    Returns the loss (a scalar) and a dict of detached metrics.
-    """
+def compute_policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float, beta: float, num_tokens):
+    """GFPO objective, eq. 2: GRPO's as a token-mean (footnote 1, num_tokens: the minibatch's), as a loss; returns it
+    and detached metrics. logp, old_logp, ref_logp, mask: (B, T) over completion tokens; advantages: (B,)."""
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
@@ -234,8 +184,7 @@ def compute_policy_loss(
         log_ratio_ref = ref_logp - logp
         kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1
         per_token = per_token + beta * kl
-    # token-mean: sum_{i,t} l[i, t] / sum_i |o_i| over the minibatch's retained completions (GFPO eq. 2 and
-    # footnote 1, DAPO eq. 8); num_tokens counts the whole minibatch, so micro-batch losses just add up
+    # token-mean: sum_{i,t} l[i, t] / sum_i |o_i| over the minibatch's retained completions (footnote 1)
     loss = (per_token * mask).sum() / num_tokens
 
     with torch.no_grad():
@@ -253,19 +202,15 @@ def compute_policy_loss(
     return loss, metrics
 
 
-def compute_entropy_loss(entropy: torch.Tensor, mask: torch.Tensor, num_tokens: Optional[torch.Tensor] = None):
-    """Minus the token-mean entropy, the term ent_coef multiplies in the total loss (the paper trains with an
-    entropy bonus of 0.001). entropy, mask: (B, T); num_tokens as in compute_policy_loss."""
-    if num_tokens is None:
-        num_tokens = mask.sum().clamp(min=1)
+def compute_entropy_loss(entropy: torch.Tensor, mask: torch.Tensor, num_tokens) -> torch.Tensor:
+    """Minus the token-mean entropy, which ent_coef multiplies in the loss; entropy, mask: (B, T)."""
     return -(entropy * mask).sum() / num_tokens
 
 
 def accumulate_gradients(model, rollout, old_logp, ref_logp, advantages, minibatch, micro_batch_size, args):
     """Backward pass over one minibatch (row indices), `micro_batch_size` rows at a time. The accumulated gradient
-    is the whole minibatch's: every micro-batch divides by the minibatch's token count (the token-mean)."""
+    is the whole minibatch's: each micro-batch divides by the minibatch's token count (over processes, the mean)."""
     metrics = []
-    # the token-mean's denominator, averaged over the processes (FSDP averages gradients)
     num_tokens = common.all_reduce(rollout.completion_mask[minibatch].sum(), "mean")
     for rows in minibatch.split(micro_batch_size):
         micro = rollout.select(rows)  # cut to its own longest completion
@@ -297,27 +242,24 @@ def main(args: Args):
     print("resolved arguments: " + ", ".join(f"{k}={v}" for k, v in asdict(args).items()))
 
     tokenizer = common.load_tokenizer(args.model)
-    task = common.load_task(args.task)
+    task = tasks.load_task(args.task)
     # fp32 weights; in bf16 or under torchrun FSDP2 shards them and computes in `dtype` (common.place)
     model = common.load_model(args.model, device, dtype, args.attn_implementation, args.gradient_checkpointing)
-    ref_model = None
-    if args.beta > 0:  # the frozen initial policy
-        ref_model = common.load_model(args.model, device, dtype, args.attn_implementation, trainable=False)
+    ref_model = (common.load_model(args.model, device, dtype, args.attn_implementation, trainable=False)
+                 if args.beta > 0 else None)  # the frozen initial policy
     eos_ids = common.eos_token_ids(model, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
-    prompts = common.PromptStream(task.train, args.seed)
+    prompts = tasks.PromptStream(task.train, args.seed)
     models, optimizers = {"policy": model}, {"policy": optimizer}  # what a checkpoint saves and --resume restores
     if track:
         import wandb
-
         wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.exp_name, config=asdict(args))
 
     def run_eval(step):
-        accuracy, samples = common.evaluate(model, tokenizer, task, args.max_new_tokens, eos_ids, args.eval_batch_size)
+        accuracy, samples = tasks.evaluate(model, tokenizer, task, args.max_new_tokens, eos_ids, args.eval_batch_size)
         tqdm.write(f"step {step}: held-out greedy accuracy {accuracy:.3f} ({len(task.eval)} prompts)")
-        if track:
-            wandb.log({"eval/samples": wandb.Table(columns=["prompt", "completion", "reward"],
-                                                   data=[list(s) for s in samples[:8]])}, step=step)
+        if track:  # a few completions, to read
+            wandb.log({"eval/samples": wandb.Table(["prompt", "completion", "reward"], samples[:8])}, step=step)
         return accuracy
 
     def save(step):
@@ -326,8 +268,7 @@ def main(args: Args):
                                           args.keep_last)
         tqdm.write(f"saved {path}")
 
-    def end_step(step, logged):
-        """Evaluation when due, the step's metrics logged, the stop after non-finite steps, a checkpoint when due."""
+    def end_step(step, logged):  # evaluation when due, metrics, the stop after non-finite steps, checkpoints
         if args.eval_every and step % args.eval_every == 0 or step == args.num_steps:
             logged["eval/accuracy"] = run_eval(step)
         common.log_metrics(args.save_dir, step, {**logged, "perf/elapsed": time.time() - start_time}, track)
@@ -367,7 +308,7 @@ def main(args: Args):
 
         # 2. Score, retain k of G per prompt (GFPO Algorithms 1-2), advantages over the retained set
         t0 = time.time()
-        rewards = common.score(task, completions, rows, args.group_size).to(device)
+        rewards = tasks.score(task, completions, rows, args.group_size).to(device)
         k = torch.full((num_prompts,), args.k, device=device)
         if args.adaptive_k:  # Algorithm 2: difficulty = mean reward of a prompt's G completions
             difficulty = rewards.view(-1, args.group_size).mean(dim=1)
@@ -377,8 +318,7 @@ def main(args: Args):
         advantages = compute_advantages(rewards, keep, args.group_size, args.adv_eps)
         retained_zero_std = (advantages.view(-1, args.group_size) == 0).all(dim=1)
         # GFPO eq. 2: filtered-out completions have zero advantage: drop them, no forward or backward on them
-        retained = keep.nonzero().squeeze(1)
-        sampled, rollout, advantages = rollout, rollout.select(retained), advantages[retained]
+        sampled, rollout, advantages = rollout, rollout.select(keep), advantages[keep]
         mask = rollout.completion_mask
 
         # 3. Log-probs of the sampling policy (old) and of the reference, once per rollout batch. With one epoch
@@ -389,11 +329,10 @@ def main(args: Args):
         if ref_model is not None:
             ref_logp = common.rollout_logprobs(ref_model, rollout, args.temperature, micro_batch_size)
 
-        # 4. update_epochs x num_minibatches optimizer steps, each accumulated over micro-batches; a step whose
-        # loss or gradient norm is not finite is skipped (one host sync per optimizer step to know)
+        # 4. update_epochs x num_minibatches optimizer steps over micro-batches; a non-finite one is skipped
         step_metrics, step_skipped = [], 0
         for epoch in range(args.update_epochs):
-            order = torch.randperm(len(retained), device=device)
+            order = torch.randperm(len(advantages), device=device)
             for minibatch in order.tensor_split(args.num_minibatches):  # even split: --adaptive-k varies the rows
                 minibatch_metrics = accumulate_gradients(
                     model, rollout, old_logp, ref_logp, advantages, minibatch, micro_batch_size, args
@@ -410,14 +349,13 @@ def main(args: Args):
         time_train = time.time() - t0
 
         # 5. Logging (one host sync per step), evaluation and checkpoints
-        tokens = mask.sum()
         logged = {k: torch.stack([m[k] for m in step_metrics]).mean() for k in step_metrics[0]}
         logged.update({
             "reward/mean": rewards.mean(),
             "reward/std": rewards.std(),
             "completion/mean_length": sampled.lengths.float().mean(),
             "completion/truncated_frac": sampled.truncated.float().mean(),
-            "policy/entropy": (rollout.entropy * mask).sum() / tokens,
+            "policy/entropy": (rollout.entropy * mask).sum() / mask.sum(),
             "optim/grad_norm": grad_norm,
             "groups/zero_std_frac": (rewards.view(-1, args.group_size).std(dim=1) == 0).float().mean(),
             "gfpo/retained_zero_std_frac": retained_zero_std.float().mean(),
@@ -432,12 +370,10 @@ def main(args: Args):
             "perf/time_generate": time_generate,
             "perf/time_train": time_train,
         })
-        tqdm.write(
-            f"step {step}: reward {logged['reward/mean']:.3f}  loss {logged['loss/policy']:+.4f}"
-            f"  kl {logged.get('loss/kl', 0.0):.4f}  len {logged['completion/mean_length']:.1f}"
-            f"  grad {logged['optim/grad_norm']:.3f}  {logged['perf/tokens_per_sec']:.0f} tok/s"
-            f"  k {logged['gfpo/retained_k']:.2f}"
-        )
+        tqdm.write(f"step {step}: reward {logged['reward/mean']:.3f}  loss {logged['loss/policy']:+.4f}"
+                   f"  kl {logged.get('loss/kl', 0.0):.4f}  len {logged['completion/mean_length']:.1f}"
+                   f"  grad {logged['optim/grad_norm']:.3f}  {logged['perf/tokens_per_sec']:.0f} tok/s"
+                   f"  k {logged['gfpo/retained_k']:.2f}")
         if step_skipped:
             tqdm.write(f"step {step}: {step_skipped} optimizer step(s) skipped: non-finite loss or gradient norm")
         end_step(step, logged)

@@ -1,11 +1,9 @@
 """GRPO: Group Relative Policy Optimization (DeepSeekMath, arXiv 2402.03300, eq. 3-4, section 4.1.2).
 
-For each prompt, sample a group of G completions, score them, and use the group-normalised reward as the
-advantage of every token of a completion; there is no critic. The loss is PPO's clipped surrogate plus a k3 KL
-penalty to the frozen initial policy, averaged over each sequence's tokens, then over sequences. With the
-defaults (one epoch, one minibatch) the policy being updated is the one that sampled: the ratio is exactly 1,
-clipping is inactive, and the update is the policy gradient plus the KL term, the paper's "single update per
-exploration stage". The choices where papers and implementations differ are in docs/grpo.md.
+Sample a group of G completions per prompt and use each one's group-normalised reward as the advantage of all its
+tokens; no critic. The loss is PPO's clipped surrogate plus a k3 KL penalty to the frozen initial policy, averaged
+over each sequence's tokens, then over sequences. With one epoch and one minibatch (the default) the ratio is
+exactly 1: the paper's single update per exploration stage. Where papers and implementations differ: docs/grpo.md.
 """
 
 import os
@@ -19,6 +17,7 @@ import tyro
 from tqdm import tqdm
 
 import common
+import tasks
 
 SCRIPT = os.path.basename(__file__)  # recorded in checkpoints: --resume refuses another script's
 
@@ -32,7 +31,7 @@ class Args:
     model: str = "tiny"
     """hub id or local folder of a causal LM; `tiny` is the model shipped in assets/"""
     task: Optional[str] = None
-    """arithmetic, countdown, gsm8k or jsonl:PATH (default: from the preset)"""
+    """arithmetic, countdown, gsm8k, gsm8k:PATH (a jsonl file in GSM8K's format) or jsonl:PATH (default: preset)"""
     preset: Literal["auto", "tiny", "paper"] = "auto"
     """where unset defaults come from: `auto` picks `tiny` for the embedded model, `paper` otherwise"""
     device: str = "auto"
@@ -95,14 +94,13 @@ class Args:
     """Weights and Biases entity (team)"""
 
 
-# Values for the fields left as None. `tiny`: the embedded model and task, minutes on a laptop CPU.
+# Values for the fields left as None. `tiny`: the embedded model and task, a few minutes on a laptop CPU.
 # `paper`: DeepSeekMath's GRPO settings (lr 1e-6, beta 0.04) on GSM8K.
 PRESETS = {
     "tiny": dict(task="arithmetic", num_steps=1000, max_new_tokens=4, learning_rate=5e-4, beta=0.04, eval_every=100),
     "paper": dict(task="gsm8k", num_steps=1000, max_new_tokens=512, learning_rate=1e-6, beta=0.04, eval_every=50,
                   micro_batch_size=8),
 }
-ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def resolve_args(args: Args) -> Args:
@@ -118,36 +116,11 @@ def resolve_args(args: Args) -> Args:
 
 def validate_args(args: Args, world_size: int = 1):
     """Every flag in range; under torchrun the batch is split over `world_size` processes."""
-    check = common.check
-    check(args.group_size >= 2, f"--group-size {args.group_size}: must be at least 2 (advantages compare a group)")
-    check(args.num_prompts >= 1, f"--num-prompts {args.num_prompts}: must be at least 1")
-    check(args.num_steps >= 1, f"--num-steps {args.num_steps}: must be at least 1")
-    check(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    check(args.temperature > 0, f"--temperature {args.temperature}: must be positive")
-    check(args.learning_rate > 0, f"--learning-rate {args.learning_rate}: must be positive")
-    check(args.beta >= 0, f"--beta {args.beta}: must be 0 or more")
-    check(args.clip_eps >= 0, f"--clip-eps {args.clip_eps}: must be 0 or more")
-    check(args.adv_eps >= 0, f"--adv-eps {args.adv_eps}: must be 0 or more")
-    check(args.max_grad_norm > 0, f"--max-grad-norm {args.max_grad_norm}: must be positive")
-    check(args.update_epochs >= 1, f"--update-epochs {args.update_epochs}: must be at least 1")
-    check(args.logprob_chunk_size >= 1, f"--logprob-chunk-size {args.logprob_chunk_size}: must be at least 1")
-    check(args.attn_implementation in ATTENTION,
-          f"--attn-implementation {args.attn_implementation}: choose one of {', '.join(ATTENTION)}")
-    check(args.num_prompts % world_size == 0,
-          f"--num-prompts {args.num_prompts}: must be divisible by the number of processes ({world_size})")
-    batch = args.num_prompts // world_size * args.group_size
-    check(args.num_minibatches >= 1 and batch % args.num_minibatches == 0,
-          f"--num-minibatches {args.num_minibatches}: must divide the rollout batch of {batch} completions"
-          f" (--num-prompts x --group-size / processes)")
-    minibatch = batch // args.num_minibatches
-    micro = args.micro_batch_size or minibatch
-    check(micro >= 1 and minibatch % micro == 0,
-          f"--micro-batch-size {args.micro_batch_size}: must divide the minibatch of {minibatch} completions")
-    check(args.eval_every >= 0 and args.save_every >= 0, "--eval-every and --save-every must be 0 or more")
-    check(args.eval_batch_size is None or args.eval_batch_size >= 1,
-          f"--eval-batch-size {args.eval_batch_size}: must be at least 1")
-    check(args.keep_last >= 0, f"--keep-last {args.keep_last}: must be 0 (keep all) or more")
-    check(args.max_skipped >= 1, f"--max-skipped {args.max_skipped}: must be at least 1")
+    common.check_flags(args, dict(
+        num_steps=1, num_prompts=1, group_size=2, max_new_tokens=1, update_epochs=1, logprob_chunk_size=1,
+        eval_batch_size=1, max_skipped=1, beta=0, clip_eps=0, adv_eps=0, eval_every=0, save_every=0, keep_last=0,
+    ), positive=("temperature", "learning_rate", "max_grad_norm"))
+    common.check_batches(args, args.group_size, "--group-size", world_size)
 
 
 def compute_advantages(rewards: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
@@ -159,20 +132,9 @@ def compute_advantages(rewards: torch.Tensor, group_size: int, eps: float) -> to
     return ((grouped - mean) / (std + eps)).view(-1)
 
 
-def compute_policy_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    ref_logp: Optional[torch.Tensor],
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_eps: float,
-    beta: float,
-):
-    """GRPO objective, DeepSeekMath eq. 3 (clipped surrogate) with the k3 KL of eq. 4, as a loss.
-
-    logp, old_logp, ref_logp, mask: (B, T) over completion tokens; advantages: (B,).
-    Returns the loss (a scalar) and a dict of detached metrics.
-    """
+def compute_policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float, beta: float):
+    """GRPO objective, DeepSeekMath eq. 3 (clipped surrogate) with the k3 KL of eq. 4, as a loss; returns it and
+    detached metrics. logp, old_logp, ref_logp, mask: (B, T) over completion tokens; advantages: (B,)."""
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
@@ -232,27 +194,24 @@ def main(args: Args):
     print("resolved arguments: " + ", ".join(f"{k}={v}" for k, v in asdict(args).items()))
 
     tokenizer = common.load_tokenizer(args.model)
-    task = common.load_task(args.task)
+    task = tasks.load_task(args.task)
     # fp32 weights; in bf16 or under torchrun FSDP2 shards them and computes in `dtype` (common.place)
     model = common.load_model(args.model, device, dtype, args.attn_implementation, args.gradient_checkpointing)
-    ref_model = None
-    if args.beta > 0:  # the frozen initial policy
-        ref_model = common.load_model(args.model, device, dtype, args.attn_implementation, trainable=False)
+    ref_model = (common.load_model(args.model, device, dtype, args.attn_implementation, trainable=False)
+                 if args.beta > 0 else None)  # the frozen initial policy
     eos_ids = common.eos_token_ids(model, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
-    prompts = common.PromptStream(task.train, args.seed)
+    prompts = tasks.PromptStream(task.train, args.seed)
     models, optimizers = {"policy": model}, {"policy": optimizer}  # what a checkpoint saves and --resume restores
     if track:
         import wandb
-
         wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.exp_name, config=asdict(args))
 
     def run_eval(step):
-        accuracy, samples = common.evaluate(model, tokenizer, task, args.max_new_tokens, eos_ids, args.eval_batch_size)
+        accuracy, samples = tasks.evaluate(model, tokenizer, task, args.max_new_tokens, eos_ids, args.eval_batch_size)
         tqdm.write(f"step {step}: held-out greedy accuracy {accuracy:.3f} ({len(task.eval)} prompts)")
-        if track:
-            wandb.log({"eval/samples": wandb.Table(columns=["prompt", "completion", "reward"],
-                                                   data=[list(s) for s in samples[:8]])}, step=step)
+        if track:  # a few completions, to read
+            wandb.log({"eval/samples": wandb.Table(["prompt", "completion", "reward"], samples[:8])}, step=step)
         return accuracy
 
     def save(step):
@@ -261,8 +220,7 @@ def main(args: Args):
                                           args.keep_last)
         tqdm.write(f"saved {path}")
 
-    def end_step(step, logged):
-        """Evaluation when due, the step's metrics logged, the stop after non-finite steps, a checkpoint when due."""
+    def end_step(step, logged):  # evaluation when due, metrics, the stop after non-finite steps, checkpoints
         if args.eval_every and step % args.eval_every == 0 or step == args.num_steps:
             logged["eval/accuracy"] = run_eval(step)
         common.log_metrics(args.save_dir, step, {**logged, "perf/elapsed": time.time() - start_time}, track)
@@ -300,7 +258,7 @@ def main(args: Args):
 
         # 2. Score and advantages
         t0 = time.time()
-        rewards = common.score(task, completions, rows, args.group_size).to(device)
+        rewards = tasks.score(task, completions, rows, args.group_size).to(device)
         advantages = compute_advantages(rewards, args.group_size, args.adv_eps)
         mask = rollout.completion_mask
 
@@ -312,8 +270,7 @@ def main(args: Args):
         if ref_model is not None:
             ref_logp = common.rollout_logprobs(ref_model, rollout, args.temperature, micro_batch_size)
 
-        # 4. update_epochs x num_minibatches optimizer steps, each accumulated over micro-batches; a step whose
-        # loss or gradient norm is not finite is skipped (one host sync per optimizer step to know)
+        # 4. update_epochs x num_minibatches optimizer steps over micro-batches; a non-finite one is skipped
         step_metrics, step_skipped = [], 0
         for epoch in range(args.update_epochs):
             order = torch.randperm(batch_size, device=device)
@@ -333,14 +290,13 @@ def main(args: Args):
         time_train = time.time() - t0
 
         # 5. Logging (one host sync per step), evaluation and checkpoints
-        tokens = mask.sum()
         logged = {k: torch.stack([m[k] for m in step_metrics]).mean() for k in step_metrics[0]}
         logged.update({
             "reward/mean": rewards.mean(),
             "reward/std": rewards.std(),
             "completion/mean_length": rollout.lengths.float().mean(),
             "completion/truncated_frac": rollout.truncated.float().mean(),
-            "policy/entropy": (rollout.entropy * mask).sum() / tokens,
+            "policy/entropy": (rollout.entropy * mask).sum() / mask.sum(),
             "optim/grad_norm": grad_norm,
             "groups/zero_std_frac": (rewards.view(-1, args.group_size).std(dim=1) == 0).float().mean(),
         })
@@ -352,11 +308,9 @@ def main(args: Args):
             "perf/time_generate": time_generate,
             "perf/time_train": time_train,
         })
-        tqdm.write(
-            f"step {step}: reward {logged['reward/mean']:.3f}  loss {logged['loss/policy']:+.4f}"
-            f"  kl {logged.get('loss/kl', 0.0):.4f}  len {logged['completion/mean_length']:.1f}"
-            f"  grad {logged['optim/grad_norm']:.3f}  {logged['perf/tokens_per_sec']:.0f} tok/s"
-        )
+        tqdm.write(f"step {step}: reward {logged['reward/mean']:.3f}  loss {logged['loss/policy']:+.4f}"
+                   f"  kl {logged.get('loss/kl', 0.0):.4f}  len {logged['completion/mean_length']:.1f}"
+                   f"  grad {logged['optim/grad_norm']:.3f}  {logged['perf/tokens_per_sec']:.0f} tok/s")
         if step_skipped:
             tqdm.write(f"step {step}: {step_skipped} optimizer step(s) skipped: non-finite loss or gradient norm")
         end_step(step, logged)

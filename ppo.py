@@ -1,12 +1,10 @@
 """PPO for LLMs (InstructGPT, arXiv 2203.02155, section 3.5 and appendix C.4, with the usual RLHF details).
 
-For each prompt, sample one completion, score it, and learn a critic (a copy of the backbone with a scalar head)
-that predicts at every completion token the reward still to come; it replaces GRPO's group baseline. The
-per-token reward is a k1 KL penalty to the frozen initial policy on every token plus the task score on the last
-one; advantages come from GAE over those rewards and the critic's values, whitened over the batch. The loss is
-the token-mean clipped surrogate plus vf_coef times the clipped value loss; the critic has its own AdamW. Four
-epochs over each rollout batch by default, so both clips are live. The choices where papers and
-implementations differ are in docs/ppo.md.
+One completion per prompt, and a critic (the backbone with a scalar head, its own AdamW) that predicts at every
+token the reward still to come, in place of GRPO's group baseline. The per-token reward is a k1 KL penalty to the
+initial policy plus the task score on the last token; advantages come from GAE, whitened over the batch. The loss
+is the token-mean clipped surrogate plus vf_coef times the clipped value loss, over 4 epochs per rollout batch.
+The choices where papers and implementations differ are in docs/ppo.md.
 """
 
 import os
@@ -20,6 +18,7 @@ import tyro
 from tqdm import tqdm
 
 import common
+import tasks
 
 SCRIPT = os.path.basename(__file__)  # recorded in checkpoints: --resume refuses another script's
 
@@ -33,7 +32,7 @@ class Args:
     model: str = "tiny"
     """hub id or local folder of a causal LM; `tiny` is the model shipped in assets/"""
     task: Optional[str] = None
-    """arithmetic, countdown, gsm8k or jsonl:PATH (default: from the preset)"""
+    """arithmetic, countdown, gsm8k, gsm8k:PATH (a jsonl file in GSM8K's format) or jsonl:PATH (default: preset)"""
     preset: Literal["auto", "tiny", "paper"] = "auto"
     """where unset defaults come from: `auto` picks `tiny` for the embedded model, `paper` otherwise"""
     device: str = "auto"
@@ -108,7 +107,7 @@ class Args:
     """Weights and Biases entity (team)"""
 
 
-# Values for the fields left as None. `tiny`: the embedded model and task, minutes on a laptop CPU.
+# Values for the fields left as None. `tiny`: the embedded model and task, a few minutes on a laptop CPU.
 # `paper`: policy lr 1e-6 and critic lr 9e-6 (OpenRLHF's PPO defaults), beta 0.05 (TRL's), 64 prompts, GSM8K.
 PRESETS = {
     "tiny": dict(task="arithmetic", num_steps=400, num_prompts=128, max_new_tokens=4, learning_rate=5e-4,
@@ -116,7 +115,6 @@ PRESETS = {
     "paper": dict(task="gsm8k", num_steps=1000, num_prompts=64, max_new_tokens=512, learning_rate=1e-6,
                   critic_learning_rate=9e-6, beta=0.05, eval_every=50, micro_batch_size=8),
 }
-ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def resolve_args(args: Args) -> Args:
@@ -132,55 +130,21 @@ def resolve_args(args: Args) -> Args:
 
 def validate_args(args: Args, world_size: int = 1):
     """Every flag in range; under torchrun the batch is split over `world_size` processes."""
-    check = common.check
-    check(args.samples_per_prompt >= 1, f"--samples-per-prompt {args.samples_per_prompt}: must be at least 1")
-    check(args.num_prompts >= 1, f"--num-prompts {args.num_prompts}: must be at least 1")
-    check(args.num_steps >= 1, f"--num-steps {args.num_steps}: must be at least 1")
-    check(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    check(args.temperature > 0, f"--temperature {args.temperature}: must be positive")
-    check(args.learning_rate > 0, f"--learning-rate {args.learning_rate}: must be positive")
-    check(args.critic_learning_rate > 0, f"--critic-learning-rate {args.critic_learning_rate}: must be positive")
-    check(args.beta >= 0, f"--beta {args.beta}: must be 0 or more")
-    check(args.clip_eps >= 0, f"--clip-eps {args.clip_eps}: must be 0 or more")
-    check(args.clip_eps_value >= 0, f"--clip-eps-value {args.clip_eps_value}: must be 0 or more")
-    check(args.vf_coef >= 0, f"--vf-coef {args.vf_coef}: must be 0 or more")
-    check(args.ent_coef >= 0, f"--ent-coef {args.ent_coef}: must be 0 or more")
-    check(0 <= args.gamma <= 1, f"--gamma {args.gamma}: must be between 0 and 1")
-    check(0 <= args.lam <= 1, f"--lam {args.lam}: must be between 0 and 1")
-    check(args.missing_eos_penalty is None or args.missing_eos_penalty >= 0,
-          f"--missing-eos-penalty {args.missing_eos_penalty}: must be 0 or more (it is subtracted from the score)")
-    check(args.max_grad_norm > 0, f"--max-grad-norm {args.max_grad_norm}: must be positive")
-    check(args.update_epochs >= 1, f"--update-epochs {args.update_epochs}: must be at least 1")
-    check(args.logprob_chunk_size >= 1, f"--logprob-chunk-size {args.logprob_chunk_size}: must be at least 1")
-    check(args.attn_implementation in ATTENTION,
-          f"--attn-implementation {args.attn_implementation}: choose one of {', '.join(ATTENTION)}")
-    check(args.num_prompts % world_size == 0,
-          f"--num-prompts {args.num_prompts}: must be divisible by the number of processes ({world_size})")
-    batch = args.num_prompts // world_size * args.samples_per_prompt
-    check(args.num_minibatches >= 1 and batch % args.num_minibatches == 0,
-          f"--num-minibatches {args.num_minibatches}: must divide the rollout batch of {batch} completions"
-          f" (--num-prompts x --samples-per-prompt / processes)")
-    minibatch = batch // args.num_minibatches
-    micro = args.micro_batch_size or minibatch
-    check(micro >= 1 and minibatch % micro == 0,
-          f"--micro-batch-size {args.micro_batch_size}: must divide the minibatch of {minibatch} completions")
-    check(args.eval_every >= 0 and args.save_every >= 0, "--eval-every and --save-every must be 0 or more")
-    check(args.eval_batch_size is None or args.eval_batch_size >= 1,
-          f"--eval-batch-size {args.eval_batch_size}: must be at least 1")
-    check(args.keep_last >= 0, f"--keep-last {args.keep_last}: must be 0 (keep all) or more")
-    check(args.max_skipped >= 1, f"--max-skipped {args.max_skipped}: must be at least 1")
+    common.check_flags(args, dict(
+        num_steps=1, num_prompts=1, samples_per_prompt=1, max_new_tokens=1, update_epochs=1, logprob_chunk_size=1,
+        eval_batch_size=1, max_skipped=1, beta=0, clip_eps=0, clip_eps_value=0, vf_coef=0, ent_coef=0,
+        missing_eos_penalty=0, eval_every=0, save_every=0, keep_last=0,
+    ), positive=("temperature", "learning_rate", "critic_learning_rate", "max_grad_norm"))
+    common.check(0 <= args.gamma <= 1, f"--gamma {args.gamma}: must be between 0 and 1")
+    common.check(0 <= args.lam <= 1, f"--lam {args.lam}: must be between 0 and 1")
+    common.check_batches(args, args.samples_per_prompt, "--samples-per-prompt", world_size)
 
 
-def compute_rewards(
-    score: torch.Tensor, old_logp: torch.Tensor, ref_logp: Optional[torch.Tensor], mask: torch.Tensor, beta: float
-) -> torch.Tensor:
+def compute_rewards(score, old_logp, ref_logp, mask, beta: float) -> torch.Tensor:
     """Per-token reward, InstructGPT eq. 2 spread over tokens: r_t = -beta * (old_logp_t - ref_logp_t) (k1) on
     every completion token, plus the task score on the last one (the EOS, or the last token of a truncated
     completion). score: (B,); old_logp, ref_logp, mask: (B, T). Returns (B, T), 0 where mask is 0."""
-    rewards = torch.zeros_like(old_logp)
-    if ref_logp is not None:
-        rewards = -beta * (old_logp - ref_logp)
-    rewards = rewards * mask
+    rewards = torch.zeros_like(old_logp) if ref_logp is None else -beta * (old_logp - ref_logp) * mask
     last = mask.sum(dim=1).long() - 1  # the mask is 1 up to and including the last token, then 0
     rows = torch.arange(len(score), device=score.device)
     rewards[rows, last] += score
@@ -218,18 +182,10 @@ def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x - mean) / torch.sqrt(masked_var(x, mask) + 1e-8) * mask
 
 
-def compute_policy_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_eps: float,
-    num_tokens: Optional[torch.Tensor] = None,
-):
+def compute_policy_loss(logp, old_logp, advantages, mask, clip_eps: float, num_tokens):
     """PPO's clipped surrogate (InstructGPT section 3.5; Schulman et al. 2017 eq. 7), as a loss.
 
-    logp, old_logp, advantages, mask: (B, T) over completion tokens. num_tokens: the token-mean's normaliser, by
-    default mask.sum(); pass the minibatch's token count when this is one micro-batch of it.
+    logp, old_logp, advantages, mask: (B, T) over completion tokens; num_tokens: the minibatch's token count.
     Returns the loss (a scalar) and a dict of detached metrics (token means over this batch's own tokens).
     """
     ratio = torch.exp(logp - old_logp)
@@ -237,8 +193,6 @@ def compute_policy_loss(
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
     per_token = -surrogate
     # token-mean: sum_{i,t} l[i, t] / sum_i |o_i|, over the whole minibatch
-    if num_tokens is None:
-        num_tokens = mask.sum().clamp(min=1)
     loss = (per_token * mask).sum() / num_tokens
 
     with torch.no_grad():
@@ -254,26 +208,13 @@ def compute_policy_loss(
     return loss, metrics
 
 
-def compute_value_loss(
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
-    clip_eps_value: float,
-    num_tokens: Optional[torch.Tensor] = None,
-):
-    """Clipped value loss, as in TRL's and OpenAI's PPO:
-    0.5 * token-mean(max((V - R)^2, (clip(V, V_old - eps_v, V_old + eps_v) - R)^2)).
-
-    values, old_values (at rollout time), returns, mask: (B, T); num_tokens as in compute_policy_loss.
-    Returns the loss (a scalar) and a dict of detached metrics.
-    """
+def compute_value_loss(values, old_values, returns, mask, clip_eps_value: float, num_tokens):
+    """Clipped value loss, as in TRL's and OpenAI's PPO: 0.5 * token-mean(max((V - R)^2, (clip(V, V_old - eps_v,
+    V_old + eps_v) - R)^2)); values, old_values (at rollout time), returns, mask: (B, T). Returns (loss, metrics)."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip_eps_value, clip_eps_value)
     unclipped_error = (values - returns) ** 2
     clipped_error = (clipped_values - returns) ** 2
     per_token = 0.5 * torch.max(unclipped_error, clipped_error)
-    if num_tokens is None:
-        num_tokens = mask.sum().clamp(min=1)
     loss = (per_token * mask).sum() / num_tokens
 
     with torch.no_grad():
@@ -285,11 +226,8 @@ def compute_value_loss(
     return loss, metrics
 
 
-def compute_entropy_loss(entropy: torch.Tensor, mask: torch.Tensor, num_tokens: Optional[torch.Tensor] = None):
-    """Minus the token-mean entropy, the term ent_coef multiplies in the total loss
-    (pg_loss + vf_coef * vf_loss - ent_coef * entropy). entropy, mask: (B, T); num_tokens as in compute_policy_loss."""
-    if num_tokens is None:
-        num_tokens = mask.sum().clamp(min=1)
+def compute_entropy_loss(entropy: torch.Tensor, mask: torch.Tensor, num_tokens) -> torch.Tensor:
+    """Minus the token-mean entropy, which ent_coef multiplies in the loss; entropy, mask: (B, T)."""
     return -(entropy * mask).sum() / num_tokens
 
 
@@ -345,31 +283,29 @@ def main(args: Args):
     print("resolved arguments: " + ", ".join(f"{k}={v}" for k, v in asdict(args).items()))
 
     tokenizer = common.load_tokenizer(args.model)
-    task = common.load_task(args.task)
+    task = tasks.load_task(args.task)
     # fp32 weights; in bf16 or under torchrun FSDP2 shards them and computes in `dtype` (common.place)
     model = common.load_model(args.model, device, dtype, args.attn_implementation, args.gradient_checkpointing)
-    ref_model = None
-    if args.beta > 0:  # the frozen initial policy
-        ref_model = common.load_model(args.model, device, dtype, args.attn_implementation, trainable=False)
+    ref_model = (common.load_model(args.model, device, dtype, args.attn_implementation, trainable=False)
+                 if args.beta > 0 else None)  # the frozen initial policy
     # the critic (InstructGPT section 3.5): the initial policy's backbone with a fresh scalar head, own optimizer
     critic = common.load_critic(args.model, device, dtype, args.attn_implementation, args.gradient_checkpointing)
     eos_ids = common.eos_token_ids(model, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
     critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=args.critic_learning_rate,
                                          weight_decay=args.weight_decay, fused=True)
-    prompts = common.PromptStream(task.train, args.seed)
-    models, optimizers = {"policy": model, "critic": critic}, {"policy": optimizer, "critic": critic_optimizer}  # what a checkpoint saves and --resume restores
+    prompts = tasks.PromptStream(task.train, args.seed)
+    # what a checkpoint saves and --resume restores
+    models, optimizers = {"policy": model, "critic": critic}, {"policy": optimizer, "critic": critic_optimizer}
     if track:
         import wandb
-
         wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.exp_name, config=asdict(args))
 
     def run_eval(step):
-        accuracy, samples = common.evaluate(model, tokenizer, task, args.max_new_tokens, eos_ids, args.eval_batch_size)
+        accuracy, samples = tasks.evaluate(model, tokenizer, task, args.max_new_tokens, eos_ids, args.eval_batch_size)
         tqdm.write(f"step {step}: held-out greedy accuracy {accuracy:.3f} ({len(task.eval)} prompts)")
-        if track:
-            wandb.log({"eval/samples": wandb.Table(columns=["prompt", "completion", "reward"],
-                                                   data=[list(s) for s in samples[:8]])}, step=step)
+        if track:  # a few completions, to read
+            wandb.log({"eval/samples": wandb.Table(["prompt", "completion", "reward"], samples[:8])}, step=step)
         return accuracy
 
     def save(step):
@@ -378,8 +314,7 @@ def main(args: Args):
                                           args.keep_last)
         tqdm.write(f"saved {path}")
 
-    def end_step(step, logged):
-        """Evaluation when due, the step's metrics logged, the stop after non-finite steps, a checkpoint when due."""
+    def end_step(step, logged):  # evaluation when due, metrics, the stop after non-finite steps, checkpoints
         if args.eval_every and step % args.eval_every == 0 or step == args.num_steps:
             logged["eval/accuracy"] = run_eval(step)
         common.log_metrics(args.save_dir, step, {**logged, "perf/elapsed": time.time() - start_time}, track)
@@ -417,7 +352,7 @@ def main(args: Args):
 
         # 2. Score
         t0 = time.time()
-        rewards = common.score(task, completions, rows, args.samples_per_prompt).to(device)
+        rewards = tasks.score(task, completions, rows, args.samples_per_prompt).to(device)
         score = rewards
         if args.missing_eos_penalty is not None:  # TRL's missing_eos_penalty: truncated completions lose it
             score = rewards - args.missing_eos_penalty * rollout.truncated.float()
@@ -437,8 +372,7 @@ def main(args: Args):
             advantages, returns = compute_gae(token_rewards, old_values, mask, args.gamma, args.lam)
             advantages = whiten(advantages, mask)
 
-        # 4. update_epochs x num_minibatches optimizer steps, each accumulated over micro-batches; a step whose
-        # loss or gradient norm is not finite is skipped (one host sync per optimizer step to know)
+        # 4. update_epochs x num_minibatches optimizer steps over micro-batches; a non-finite one is skipped
         step_metrics, step_skipped = [], 0
         for epoch in range(args.update_epochs):
             order = torch.randperm(batch_size, device=device)
@@ -489,12 +423,10 @@ def main(args: Args):
             "perf/time_generate": time_generate,
             "perf/time_train": time_train,
         })
-        tqdm.write(
-            f"step {step}: reward {logged['reward/mean']:.3f}  loss {logged['loss/policy']:+.4f}"
-            f"  value {logged['ppo/value_loss']:.4f}  ev {logged['ppo/explained_variance']:+.2f}"
-            f"  kl {logged.get('loss/kl', 0.0):.4f}  len {logged['completion/mean_length']:.1f}"
-            f"  grad {logged['optim/grad_norm']:.3f}  {logged['perf/tokens_per_sec']:.0f} tok/s"
-        )
+        tqdm.write(f"step {step}: reward {logged['reward/mean']:.3f}  loss {logged['loss/policy']:+.4f}"
+                   f"  value {logged['ppo/value_loss']:.4f}  ev {logged['ppo/explained_variance']:+.2f}"
+                   f"  kl {logged.get('loss/kl', 0.0):.4f}  len {logged['completion/mean_length']:.1f}"
+                   f"  grad {logged['optim/grad_norm']:.3f}  {logged['perf/tokens_per_sec']:.0f} tok/s")
         if step_skipped:
             tqdm.write(f"step {step}: {step_skipped} optimizer step(s) skipped: non-finite loss or gradient norm")
         end_step(step, logged)

@@ -123,7 +123,7 @@ def make_model(arch, out: str) -> dict:
 
 
 def write_task(path: Path, prompts: int):
-    """`prompts` + 1 rows "a+b=" (4 characters = 4 tokens each). common.jsonl_task holds out max(1, n // 10)
+    """`prompts` + 1 rows "a+b=" (4 characters = 4 tokens each). tasks.jsonl_task holds out max(1, n // 10)
     rows, which is 1 here for up to 19 prompts: the rest, exactly `prompts` rows, is the training set of both
     sides. The held-out row keeps grpo.py's start and end evaluation (greedy, outside the steps) cheap."""
     assert prompts + 1 < 20

@@ -11,7 +11,7 @@ grpo_trainer.py and transformers' Trainer loop):
   num_iterations = 1: each rollout batch gets exactly one optimizer step (grpo.py: --update-epochs 1
   --num-minibatches 1), and the whole batch goes through one forward/backward (grpo.py: --micro-batch-size
   = prompts x group size).
-- Prompts: the training rows of `common.jsonl_task(FILE)`, the very rows grpo.py trains on; the benchmark
+- Prompts: the training rows of `tasks.jsonl_task(FILE)`, the very rows grpo.py trains on; the benchmark
   writes exactly `prompts` training rows, so both sides train on the same prompts at every step. They are
   plain strings and the tokenizer has no chat template, so neither side applies one.
 - Sampling: temperature 1.0, top_p 1.0, top_k 0, min_p None, repetition_penalty 1.0 (neutral: plain
@@ -55,7 +55,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-import common  # noqa: E402
+import tasks  # noqa: E402
 
 
 def now() -> float:
@@ -115,14 +115,14 @@ def main():
     args = parser.parse_args()
     t_start = time.perf_counter()
 
-    task = common.jsonl_task(args.task)  # the same split as grpo.py: train on task.train
+    task = tasks.jsonl_task(args.task)  # the same split as grpo.py: train on task.train
     dataset = Dataset.from_list(task.train)
     tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
 
     def reward_exact(prompts, completions, answer, **kwargs):
         """Any cheap reward does: it does not change the compute. The same exact match as grpo.py's jsonl task."""
-        return [common.exact_reward(c, a) for c, a in zip(completions, answer)]
+        return [tasks.exact_reward(c, a) for c, a in zip(completions, answer)]
 
     batch = args.num_prompts * args.group_size
     cuda = torch.cuda.is_available()

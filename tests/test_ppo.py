@@ -112,7 +112,7 @@ def test_value_loss_clipping_active_and_inactive():
     old_values = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]])
     returns = torch.tensor([[1.0, 1.0, -1.0, 0.0, -3.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
-    loss, metrics = ppo.compute_value_loss(values, old_values, returns, mask, 0.2)
+    loss, metrics = ppo.compute_value_loss(values, old_values, returns, mask, 0.2, mask.sum())
     loss.backward()
     assert loss.item() == pytest.approx(0.5425)
     torch.testing.assert_close(values.grad, torch.tensor([[0.0, -0.225, 0.375, 0.0, 0.0]]))
@@ -122,7 +122,7 @@ def test_value_loss_clipping_active_and_inactive():
 def ppo_loss_in_grpo_signature(logp, old_logp, ref_logp, advantages, mask, clip_eps, beta):
     """ppo.compute_policy_loss behind grpo.compute_policy_loss's signature (one advantage per sequence)."""
     assert ref_logp is None and beta == 0  # PPO's KL is in the reward, never in the loss
-    return ppo.compute_policy_loss(logp, old_logp, advantages[:, None].expand_as(logp), mask, clip_eps)
+    return ppo.compute_policy_loss(logp, old_logp, advantages[:, None].expand_as(logp), mask, clip_eps, mask.sum())
 
 
 def test_policy_loss_clipping_cases_shared_with_grpo(monkeypatch):
@@ -133,7 +133,7 @@ def test_policy_loss_clipping_cases_shared_with_grpo(monkeypatch):
     test_grpo.test_policy_loss_clipping_above_and_below()
 
 
-@pytest.mark.parametrize("num_tokens", [None, 6.0])
+@pytest.mark.parametrize("num_tokens", [None, 6.0])  # None: this batch's own 3 tokens
 def test_policy_loss_is_a_token_mean_with_per_token_advantages(num_tokens):
     # ratio 1 everywhere, per-token advantages (row 1's second token is masked, its A = 7 must be ignored):
     # per-token loss -A = -1, 2, -0.5, sum 0.5. Token-mean over the n = 3 valid tokens: 0.5 / 3;
@@ -143,9 +143,7 @@ def test_policy_loss_is_a_token_mean_with_per_token_advantages(num_tokens):
     advantages = torch.tensor([[1.0, -2.0], [0.5, 7.0]])
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     n = 3.0 if num_tokens is None else num_tokens
-    loss, metrics = ppo.compute_policy_loss(
-        logp, logp.detach().clone(), advantages, mask, 0.2, None if num_tokens is None else torch.tensor(num_tokens)
-    )
+    loss, metrics = ppo.compute_policy_loss(logp, logp.detach().clone(), advantages, mask, 0.2, torch.tensor(n))
     loss.backward()
     assert loss.item() == pytest.approx(0.5 / n)
     torch.testing.assert_close(logp.grad, torch.tensor([[-1.0 / n, 2.0 / n], [-0.5 / n, 0.0]]))
@@ -227,7 +225,7 @@ def test_entropy_loss_by_hand(script):
     # as one micro-batch of a 7-token minibatch: -3.5 / 7 = -0.5; d loss / d entropy = -mask / 7
     entropy = torch.tensor([[0.5, 1.0], [2.0, 9.9]], requires_grad=True)
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    assert script.compute_entropy_loss(entropy, mask).item() == pytest.approx(-7 / 6)
+    assert script.compute_entropy_loss(entropy, mask, mask.sum()).item() == pytest.approx(-7 / 6)
     loss = script.compute_entropy_loss(entropy, mask, torch.tensor(7.0))
     loss.backward()
     assert loss.item() == pytest.approx(-0.5)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import tasks
 from test_scripts import ENV, SCRIPTS, check_bad_input, command, run
 
 
@@ -90,9 +91,9 @@ def test_same_seed_same_run(script, tmp_path):
 
 
 def poison_rewards(monkeypatch, calls):
-    """Make common.score return NaN for every completion of the given training calls (0-based), as a broken
-    reward function would. Evaluation (common.evaluate runs under no_grad) keeps the true score."""
-    score, count = common.score, [0]
+    """Make tasks.score return NaN for every completion of the given training calls (0-based), as a broken
+    reward function would. Evaluation (tasks.evaluate runs under no_grad) keeps the true score."""
+    score, count = tasks.score, [0]
 
     def nan_score(*args):
         rewards = score(*args)
@@ -102,7 +103,7 @@ def poison_rewards(monkeypatch, calls):
             count[0] += 1
         return rewards
 
-    monkeypatch.setattr(common, "score", nan_score)
+    monkeypatch.setattr(tasks, "score", nan_score)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -136,7 +137,7 @@ def test_non_finite_weights_are_never_saved(tiny, tmp_path):
     with torch.no_grad():
         broken.lm_head.weight[0, 0] = float("inf")
     optimizer = torch.optim.AdamW(broken.parameters())
-    prompts = common.PromptStream([{"prompt": "1+1=", "answer": 2}], 0)
+    prompts = tasks.PromptStream([{"prompt": "1+1=", "answer": 2}], 0)
     with pytest.raises(common.UserError, match="not saving step 7: the weights hold NaN or inf"):
         common.save_training_state(
             tmp_path, 7, "grpo.py", tokenizer, {"policy": broken}, {"policy": optimizer}, prompts

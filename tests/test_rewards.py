@@ -1,4 +1,4 @@
-"""Reward parsers and task loaders in common.py. Every expected value below is worked out by hand."""
+"""Reward parsers and task loaders in tasks.py. Every expected value below is worked out by hand."""
 
 import itertools
 import json
@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-from common import (PromptStream, UserError, arithmetic_reward, countdown_reward, countdown_task,  # noqa: E402
-                    exact_reward, gsm8k_reference, load_task, numeric_answer, numeric_reward, safe_eval_arithmetic)
+import tasks  # noqa: E402
+from common import UserError  # noqa: E402
+from tasks import (PromptStream, arithmetic_reward, countdown_reward, countdown_task, exact_reward,  # noqa: E402
+                   gsm8k_reference, load_task, numeric_answer, numeric_reward, safe_eval_arithmetic)
 
 HOSTILE = "__import__('os').system('ls')"
 
@@ -209,7 +210,7 @@ def test_countdown_task():
 
 
 def test_countdown_train_skips_eval_prompts(monkeypatch):  # force collisions: only 10 distinct puzzles
-    monkeypatch.setattr(common, "make_countdown", lambda rng: {"prompt": str(rng.randint(1, 10)), "answer": 0})
+    monkeypatch.setattr(tasks, "make_countdown", lambda rng: {"prompt": str(rng.randint(1, 10)), "answer": 0})
     task = countdown_task(num_train=100, num_eval=5)
     held = {r["prompt"] for r in task.eval}
     assert task.train and not held & {r["prompt"] for r in task.train}
