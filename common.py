@@ -503,8 +503,12 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_toke
                 token = logits.argmax(dim=-1)
             else:
                 log_probs = torch.log_softmax(logits / temperature, dim=-1)
-                entropies.append(-(log_probs.exp() * log_probs).sum(dim=-1))
-                token = torch.multinomial(log_probs.exp(), 1).squeeze(1)
+                probs = log_probs.exp()
+                entropies.append(-(probs * log_probs).sum(dim=-1))
+                # inverse CDF: one uniform per row against the float64 cumulative sum, an exact sample of probs
+                cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+                u = torch.rand(B, 1, dtype=torch.float64, device=device) * cdf[:, -1:]
+                token = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
             tokens.append(token.masked_fill(ended, tokenizer.pad_token_id))
             ended |= torch.isin(tokens[-1], eos)
             if min_over_processes(int(ended.all()), device):  # a host sync per token; processes stop together

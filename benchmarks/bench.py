@@ -147,8 +147,8 @@ def step_flops(arch: dict, completions: int, prompt_len: int, new_tokens: int) -
       back: layers over P + T - 1 positions, the output projection over T positions, per sequence;
     - training forward + backward: 3x the forward over P + T - 1 positions (the last predicts nothing), the
       output projection only over the T completion positions (the minimum; TRL's fused head on the CPU scores
-      all P + T - 1). grpo.py's own count is higher: its backward runs the projection's forward twice (see
-      README), 4x instead of 3x;
+      all P + T - 1). grpo.py's own count is higher: its LM head chunks run under activation checkpointing, so
+      the backward recomputes their forward, 4x instead of 3x;
     - no-grad log-prob pass: 1x the same forward, for the sampling policy's log-probs. With one optimizer step
       per rollout they equal the training forward's (ratio 1): grpo.py and TRL both skip it then, and the floor
       leaves it out.
@@ -159,8 +159,8 @@ def step_flops(arch: dict, completions: int, prompt_len: int, new_tokens: int) -
       training:   head 3 * 557.61 G = 1672.82 G; layers 3 * 128.39 G = 385.16 G (the same 67 positions)
       floor = 557.61 + 128.39 + 1672.82 + 385.16 = 2743.98 GFLOP;  no-grad pass: 557.61 + 128.39 = 686.00 GFLOP
     (The prompts are 4 tokens; the tiny config is the same formula with H 128, I 512, 4 heads, V 98, B 256, T 8.)
-    Every sequence's prompt positions count, as TRL runs them; grpo.py runs a prompt once per group, in
-    generation and in training, so its layer FLOPs are lower than counted (by a third in tiny's training pass).
+    Every sequence's prompt positions count, as TRL runs them; grpo.py prefills a prompt once per group in
+    generation, so its generation FLOPs are a little lower than counted.
     """
     H, I, V, L = arch["hidden_size"], arch["intermediate_size"], arch["vocab_size"], arch["num_hidden_layers"]
     kv = H // arch["num_attention_heads"] * arch["num_key_value_heads"]
@@ -182,28 +182,20 @@ def step_flops(arch: dict, completions: int, prompt_len: int, new_tokens: int) -
 
 
 def matmul_rate(hidden: int, vocab: int, rows: list[int], repeats: int = 3) -> dict:
-    """fp32 GFLOP/s of (N x H) @ (H x V), the output projection's shape, best of `repeats`, for each N, with
-    torch's default matmul (MKL on x86 builds) and with oneDNN's (common.linear, which grpo.py uses on the CPU)."""
+    """fp32 GFLOP/s of (N x H) @ (H x V), the output projection's shape, best of `repeats`, for each N."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
-    import common
-
     weight = torch.randn(vocab, hidden) * 0.02  # stored (V, H) like the model's nn.Linear / tied embedding
-    kernels = {"torch.matmul": lambda x: torch.matmul(x, weight.t())}
-    if common.ONEDNN:
-        kernels["oneDNN"] = lambda x: common.linear(x, weight)
     rates = {}
-    for kernel, matmul in kernels.items():
-        for n in rows:
-            x = torch.randn(n, hidden)
-            matmul(x)  # warm-up
-            best = float("inf")
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                matmul(x)
-                best = min(best, time.perf_counter() - t0)
-            rates[(kernel, n)] = 2 * n * hidden * vocab / best / 1e9
+    for n in rows:
+        x = torch.randn(n, hidden)
+        torch.matmul(x, weight.t())  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.matmul(x, weight.t())
+            best = min(best, time.perf_counter() - t0)
+        rates[("torch.matmul", n)] = 2 * n * hidden * vocab / best / 1e9
     return dict(rates=rates, threads=torch.get_num_threads(), torch=torch.__version__)
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import common
 from test_resume import assert_same_weights, module
-from test_scripts import ENV, ROOT, SCRIPTS
+from test_scripts import ENV, ROOT, SCRIPTS, SMALL
 
 
 def torchrun(*args, timeout=600):
@@ -31,7 +31,7 @@ def test_sharded_gradients_equal_one_process():
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_two_processes_train_and_save_a_checkpoint_that_loads_back(script, tmp_path):
-    result = torchrun(ROOT / script, "--num-steps", "2", "--eval-every", "0", "--save-dir", tmp_path)
+    result = torchrun(ROOT / script, "--num-steps", "2", "--eval-every", "0", "--save-dir", tmp_path, *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("held-out greedy accuracy: start") == 1  # rank 0 prints, rank 1 is silent
     from transformers import AutoModelForCausalLM
@@ -46,7 +46,7 @@ def test_two_processes_train_and_save_a_checkpoint_that_loads_back(script, tmp_p
 
 
 def test_two_processes_resume_equals_an_unbroken_run(tmp_path):
-    flags = ["--eval-every", "0", "--save-every", "2"]
+    flags = ["--eval-every", "0", "--save-every", "2", *SMALL]
     unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
     assert torchrun(ROOT / "ppo.py", "--num-steps", "4", "--save-dir", unbroken, *flags).returncode == 0
     assert torchrun(ROOT / "ppo.py", "--num-steps", "2", "--save-dir", broken, *flags).returncode == 0
@@ -76,7 +76,7 @@ def test_adaptive_k_is_one_process_only():
 
 
 def test_resume_with_another_number_of_processes_is_a_user_error(tmp_path):
-    result = torchrun(ROOT / "grpo.py", "--num-steps", "1", "--eval-every", "0", "--save-dir", tmp_path)
+    result = torchrun(ROOT / "grpo.py", "--num-steps", "1", "--eval-every", "0", "--save-dir", tmp_path, *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
     with pytest.raises(common.UserError, match="saved by 2 process"):
         module("grpo.py").main(module("grpo.py").Args(num_steps=2, eval_every=0, resume=str(tmp_path)))

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import common
 import tasks
-from test_scripts import ENV, SCRIPTS, check_bad_input, command, run
+from test_scripts import ENV, SCRIPTS, SMALL, check_bad_input, command, run
 
 
 def module(script):
@@ -43,7 +43,7 @@ def assert_same_weights(a, b):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_kill_and_resume_equals_an_unbroken_run(script, tmp_path):
-    flags = ["--eval-every", "0", "--save-every", "3"]
+    flags = ["--eval-every", "0", "--save-every", "3", *SMALL]
     unbroken, killed = tmp_path / "unbroken", tmp_path / "killed"
     result = run(script, "--num-steps", "6", "--save-dir", str(unbroken), *flags)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -77,7 +77,7 @@ def test_kill_and_resume_equals_an_unbroken_run(script, tmp_path):
 
 def train(script, save_dir, **fields):
     """A short in-process run of `script` with the embedded default, logging to `save_dir`."""
-    fields = {"num_steps": 3, "eval_every": 0, "save_dir": str(save_dir), **fields}
+    fields = {"num_steps": 3, "eval_every": 0, "save_dir": str(save_dir), "num_prompts": 4, **fields}
     module(script).main(module(script).Args(**fields))
     return metrics(save_dir)
 

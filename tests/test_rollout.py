@@ -161,7 +161,8 @@ def test_greedy_decoding_equals_transformers_generate(tiny):
     ours = common.generate(model, tokenizer, prompts, 1, 6, 1.0, eos, greedy=True).completion_ids
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     config = GenerationConfig(do_sample=False, max_new_tokens=6, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-    theirs = model.generate(**enc, generation_config=config)[:, enc.input_ids.shape[1] :]
+    theirs = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, generation_config=config)
+    theirs = theirs[:, enc.input_ids.shape[1] :]
     assert torch.equal(ours[:, : theirs.shape[1]], theirs)
     assert ours[:, theirs.shape[1] :].eq(tokenizer.pad_token_id).all()
 

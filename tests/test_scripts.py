@@ -16,6 +16,7 @@ SCRIPTS = ["grpo.py", "dapo.py", "gspo.py", "gfpo.py", "ppo.py"]
 
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+SMALL = ["--num-prompts", "4"]  # plumbing tests: 4 prompts a step (ppo's preset has 128) keep the suite quick
 
 
 def command(script, *args):
@@ -29,7 +30,8 @@ def run(script, *args, cwd=None, timeout=600):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_two_steps_train_save_and_load_back(script, tmp_path):
     # run from another working directory: the embedded default must not depend on it
-    result = run(script, "--num-steps", "2", "--eval-every", "0", "--save-dir", str(tmp_path / "ckpt"), cwd=tmp_path)
+    result = run(script, "--num-steps", "2", "--eval-every", "0", "--save-dir", str(tmp_path / "ckpt"), *SMALL,
+                 cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     losses = [float(x) for x in re.findall(r"step \d+: reward \S+\s+loss (\S+)", result.stdout)]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

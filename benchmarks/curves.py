@@ -1,0 +1,139 @@
+"""Learning curves of the five scripts' embedded defaults over several seeds, drawn into one PNG.
+
+    pip install -r benchmarks/requirements.txt
+    python benchmarks/curves.py                         # runs what is missing in runs/curves, then draws
+    python benchmarks/curves.py --seeds 1 2 3 7 --no-run   # draws from finished runs only
+
+Each run is `python X.py --seed N --save-dir RUNS/X-seedN` with nothing else changed, one at a time; a run whose
+wall time was recorded (it is, once the run ended well) is read, not run again. The figure has held-out greedy accuracy
+against step and against wall time, and mean completion length against step: one line per script (the mean over
+seeds) and a band from the lowest to the highest seed. A table per seed (start -> end accuracy, final mean
+length, truncated fraction at the first and last step, wall time of the whole command) goes to stdout and to
+curves.md beside the PNG.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ["grpo", "dapo", "gspo", "gfpo", "ppo"]
+COLORS = dict(grpo="tab:blue", dapo="tab:orange", gspo="tab:green", gfpo="tab:red", ppo="tab:purple")
+
+
+def load(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def run(script: str, seed: int, out: Path) -> float:
+    """The default run of `script` with `seed`, logging to `out`; returns the command's wall time in seconds."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    with open(out / "log.txt", "w") as log:
+        result = subprocess.run([sys.executable, str(ROOT / f"{script}.py"), "--seed", str(seed), "--save-dir",
+                                 str(out), "--keep-last", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if result.returncode != 0:
+        sys.exit(f"{script} seed {seed} failed: see {out / 'log.txt'}")
+    (out / "wall_seconds").write_text(f"{wall:.1f}\n")
+    return wall
+
+
+def summary(rows: list[dict], wall: float) -> dict:
+    evals = [r for r in rows if "eval/accuracy" in r]
+    steps = [r for r in rows if "completion/mean_length" in r]
+    return dict(start=evals[0]["eval/accuracy"], end=evals[-1]["eval/accuracy"], length=steps[-1]["completion/mean_length"], truncated_first=steps[0]["completion/truncated_frac"],
+                truncated_last=steps[-1]["completion/truncated_frac"], wall=wall)
+
+
+def table(results: dict) -> str:
+    lines = ["| script | seed | held-out accuracy, start -> end | gain | final mean length | truncated, first -> last"
+             " step | wall time |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for script, seeds in results.items():
+        for seed, s in seeds.items():
+            lines.append(f"| {script}.py | {seed} | {s['start']:.3f} -> {s['end']:.3f} | {s['end'] - s['start']:+.3f} "
+                         f"| {s['length']:.1f} | {s['truncated_first']:.2f} -> {s['truncated_last']:.2f} "
+                         f"| {s['wall']:.0f} s |")
+    return "\n".join(lines)
+
+
+def band(ax, xs: list[list[float]], ys: list[list[float]], color: str, label: str):
+    """Mean over seeds as a line, lowest to highest seed as a band, on the x grid of the first seed."""
+    import numpy as np
+
+    grid = np.array(xs[0])
+    curves = np.array([np.interp(grid, x, y) for x, y in zip(xs, ys)])
+    ax.plot(grid, curves.mean(axis=0), color=color, label=label)
+    ax.fill_between(grid, curves.min(axis=0), curves.max(axis=0), color=color, alpha=0.2, linewidth=0)
+
+
+def draw(runs: dict, out: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for script, seeds in runs.items():
+        evals = [[r for r in rows if "eval/accuracy" in r] for rows in seeds.values()]
+        steps = [[r for r in rows if "completion/mean_length" in r] for rows in seeds.values()]
+        color = COLORS[script]
+        band(axes[0], [[r["step"] for r in e] for e in evals], [[r["eval/accuracy"] for r in e] for e in evals], color,
+             f"{script}.py")
+        band(axes[1], [[r["perf/elapsed"] for r in e] for e in evals], [[r["eval/accuracy"] for r in e] for e in evals],
+             color, f"{script}.py")
+        band(axes[2], [[r["step"] for r in s] for s in steps], [[r["completion/mean_length"] for r in s] for s in steps],
+             color, f"{script}.py")
+    for ax, (xlabel, ylabel) in zip(axes, [("step", "held-out greedy accuracy"),
+                                           ("wall time of training and evaluation (s)", "held-out greedy accuracy"),
+                                           ("step", "mean completion length (tokens)")]):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    seeds = sorted({seed for s in runs.values() for seed in s})
+    fig.suptitle(f"The embedded defaults (`python X.py --seed N`), seeds {', '.join(map(str, seeds))}: "
+                 "mean over seeds, band from the lowest to the highest")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--scripts", nargs="+", default=SCRIPTS, choices=SCRIPTS)
+    parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "curves"))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "curves.png"))
+    parser.add_argument("--run", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the missing runs (--no-run: draw from finished runs only)")
+    args = parser.parse_args()
+    runs, results = {}, {}
+    for script in args.scripts:
+        for seed in args.seeds:
+            out = Path(args.runs_dir) / f"{script}-seed{seed}"
+            if not (out / "wall_seconds").is_file():
+                if not args.run:
+                    continue
+                print(f"running {script}.py --seed {seed}", flush=True)
+                run(script, seed, out)
+            rows = load(out)
+            wall = float((out / "wall_seconds").read_text())
+            runs.setdefault(script, {})[seed] = rows
+            results.setdefault(script, {})[seed] = summary(rows, wall)
+            s = results[script][seed]
+            print(f"{script}.py seed {seed}: {s['start']:.3f} -> {s['end']:.3f}, length {s['length']:.1f}, "
+                  f"truncated {s['truncated_first']:.2f} -> {s['truncated_last']:.2f}, {s['wall']:.0f} s", flush=True)
+    text = table(results)
+    print(text)
+    Path(args.out).with_suffix(".md").write_text(text + "\n")
+    draw(runs, Path(args.out))
+    print(f"written {args.out} and {Path(args.out).with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
