@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 ROOT = Path(__file__).resolve().parent
-TINY_MODEL = ROOT / "assets" / "tiny-qwen2"
+TINY_MODEL = ROOT / "assets" / "tiny-llama"
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 

@@ -104,8 +104,8 @@ class Args:
 # Values for the fields left as None. `tiny`: the embedded model and task, a few minutes on a laptop CPU.
 # `paper`: DAPO's settings (G 16, lr 1e-6, 16 optimizer steps per rollout batch) on GSM8K.
 PRESETS = {
-    "tiny": dict(task="arithmetic", num_steps=250, max_new_tokens=4, learning_rate=5e-4, num_minibatches=4,
-                 eval_every=50),
+    "tiny": dict(task="arithmetic", num_steps=80, max_new_tokens=40, learning_rate=5e-4, num_minibatches=4,
+                 eval_every=20),
     "paper": dict(task="gsm8k", num_steps=1000, max_new_tokens=512, learning_rate=1e-6, num_minibatches=16,
                   eval_every=50, micro_batch_size=8),
 }

@@ -110,8 +110,8 @@ class Args:
 # Values for the fields left as None. `tiny`: the embedded model and task, a few minutes on a laptop CPU.
 # `paper`: policy lr 1e-6 and critic lr 9e-6 (OpenRLHF's PPO defaults), beta 0.05 (TRL's), 64 prompts, GSM8K.
 PRESETS = {
-    "tiny": dict(task="arithmetic", num_steps=400, num_prompts=128, max_new_tokens=4, learning_rate=5e-4,
-                 critic_learning_rate=1e-3, beta=0.05, eval_every=100),
+    "tiny": dict(task="arithmetic", num_steps=40, num_prompts=128, max_new_tokens=40, learning_rate=5e-4,
+                 critic_learning_rate=1e-3, beta=0.05, eval_every=10),
     "paper": dict(task="gsm8k", num_steps=1000, num_prompts=64, max_new_tokens=512, learning_rate=1e-6,
                   critic_learning_rate=9e-6, beta=0.05, eval_every=50, micro_batch_size=8),
 }

@@ -80,9 +80,10 @@ def safe_eval_arithmetic(expression: str) -> Optional[tuple[Fraction, list[int]]
 
 
 def arithmetic_reward(completion: str, answer: int) -> float:
-    """1 if the completion is exactly the integer answer (surrounding spaces ignored), else 0."""
-    text = completion.strip()
-    return float(len(text) <= 20 and re.fullmatch(r"-?\d+", text) is not None and int(text) == answer)
+    """1 if the completion's last word (after its last space or `=`) is exactly the integer answer, else -1 (DAPO's
+    rule-based reward, eq. 5: a wrong answer's reward / length then rises with its length, see gfpo.py)."""
+    text = re.split(r"[=\s]", completion.strip())[-1]
+    return 1.0 if len(text) <= 20 and re.fullmatch(r"-?[0-9]+", text) is not None and int(text) == answer else -1.0
 
 
 def countdown_reward(completion: str, answer: dict) -> float:
@@ -143,14 +144,31 @@ class PromptStream:
         return batch
 
 
-ARITHMETIC_EVAL_SIZE = 20
+ARITHMETIC_EVAL_SIZE, ARITHMETIC_TRAIN_SIZE = 500, 40_000
 
 
 def arithmetic_task() -> Task:
-    """Single-digit addition `a+b=` -> `a+b`; 20 of the 100 pairs are held out (fixed, seed 0)."""
-    rows = [{"prompt": f"{a}+{b}=", "answer": a + b} for a in range(10) for b in range(10)]
-    random.Random(0).shuffle(rows)
+    """A number from 1 to 5 added to or taken from a four-digit one, `1234+5=` or `1234-5=`, answered directly or
+    after working (`arithmetic_working`). Distinct problems drawn with seed 0: the first 500 are held out, the next
+    40,000 are the training rows, so a run of up to 40,000 prompts never sees one twice."""
+    rng, seen, rows = random.Random(0), set(), []
+    while len(rows) < ARITHMETIC_EVAL_SIZE + ARITHMETIC_TRAIN_SIZE:
+        a, op, b = rng.randint(1010, 9989), rng.choice("+-"), rng.randint(1, 5)
+        if (a, op, b) not in seen:
+            seen.add((a, op, b))
+            rows.append({"prompt": f"{a}{op}{b}=", "answer": a + b if op == "+" else a - b})
     return Task("arithmetic", rows[ARITHMETIC_EVAL_SIZE:], rows[:ARITHMETIC_EVAL_SIZE], arithmetic_reward, False)
+
+
+def arithmetic_working(a: int, op: str, b: int, style: str, ramble: bool = False) -> str:
+    """A completion for `a op b=` in one of the warm start's styles (assets/make_tiny_model.py), for 1234+5:
+    `direct` 1239
+    `steps`  count 1235+4=1236+3=1237+2=1238+1=1239   (one unit moved from b to a per step)
+    With `ramble`, `+0` (or `-0`) over and over after the answer: longer than any completion budget."""
+    sign = 1 if op == "+" else -1
+    parts = [f"{a + sign * i}{op}{b - i}" for i in range(1, b if style == "steps" else 1)]
+    working = ("count " if style == "steps" else "") + "=".join(parts + [str(a + sign * b)])
+    return working + (f"{op}0" * 40 if ramble else "")
 
 
 COUNTDOWN_PROMPT = (

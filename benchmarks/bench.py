@@ -43,7 +43,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-TINY_MODEL = ROOT / "assets" / "tiny-qwen2"
+TINY_MODEL = ROOT / "assets" / "tiny-llama"
 LEARNING_RATE = 1e-6
 SEED = 1
 
@@ -98,7 +98,7 @@ def make_model(arch, out: str) -> dict:
     import torch
     import transformers
     from tokenizers import Tokenizer
-    from transformers import AutoConfig, GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast, Qwen2Config
 
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
@@ -106,7 +106,7 @@ def make_model(arch, out: str) -> dict:
     eos = config.vocab_size
     config.bos_token_id, config.eos_token_id, config.pad_token_id = 0, None, 0
     config.use_cache = True
-    model = Qwen2ForCausalLM(config).float()
+    model = AutoModelForCausalLM.from_config(config).float()
     model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=eos, pad_token_id=0)
     model.save_pretrained(out)
 

@@ -45,7 +45,7 @@ def make_model(out: Path):
     torch.manual_seed(0)
     config = Qwen2Config(**CONFIGS["qwen-shape"]["arch"], bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model = common.prepare(Qwen2ForCausalLM(config), gradient_checkpointing=False, trainable=False)
-    tokenizer = AutoTokenizer.from_pretrained(ROOT / "assets" / "tiny-qwen2", padding_side="left")
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "assets" / "tiny-llama", padding_side="left")
     weight = model.get_output_embeddings().weight
     prompts = ["12+34="] * 4
     with torch.no_grad():

@@ -8,8 +8,9 @@ Each run is `python X.py --seed N --save-dir RUNS/X-seedN` with nothing else cha
 wall time was recorded (it is, once the run ended well) is read, not run again. The figure has held-out greedy accuracy
 against step and against wall time, and mean completion length against step: one line per script (the mean over
 seeds) and a band from the lowest to the highest seed. A table per seed (start -> end accuracy, final mean
-length, truncated fraction at the first and last step, wall time of the whole command) goes to stdout and to
-curves.md beside the PNG.
+length and truncated fraction (means over the last 10 steps; the truncated fraction also at the first step), wall
+time of the whole command, GSPO's clip fraction and PPO's critic metrics), a table per script (mean and range over
+seeds) and GFPO's length over GRPO's go to stdout and to curves.md beside the PNG, with the CPU and versions.
 """
 
 import argparse
@@ -44,21 +45,48 @@ def run(script: str, seed: int, out: Path) -> float:
     return wall
 
 
+LAST = 10  # "final" length and truncated fraction: the mean over the last 10 steps (one step is noisy)
+
+
 def summary(rows: list[dict], wall: float) -> dict:
     evals = [r for r in rows if "eval/accuracy" in r]
     steps = [r for r in rows if "completion/mean_length" in r]
-    return dict(start=evals[0]["eval/accuracy"], end=evals[-1]["eval/accuracy"], length=steps[-1]["completion/mean_length"], truncated_first=steps[0]["completion/truncated_frac"],
-                truncated_last=steps[-1]["completion/truncated_frac"], wall=wall)
+    last = steps[-LAST:]
+    return dict(start=evals[0]["eval/accuracy"], end=evals[-1]["eval/accuracy"],
+                length=sum(r["completion/mean_length"] for r in last) / len(last),
+                truncated_first=steps[0]["completion/truncated_frac"],
+                truncated_last=sum(r["completion/truncated_frac"] for r in last) / len(last), wall=wall,
+                signature=signature(last))
+
+
+def signature(last: list[dict]) -> str:
+    """What the script logs of its own (GSPO's clip fraction, PPO's critic), averaged over the last steps."""
+    keys = [k for k in ("policy/clip_frac", "ppo/value_loss", "ppo/explained_variance") if k in last[0]]
+    return ", ".join(f"{k} {sum(r[k] for r in last) / len(last):.3f}" for k in keys)
 
 
 def table(results: dict) -> str:
-    lines = ["| script | seed | held-out accuracy, start -> end | gain | final mean length | truncated, first -> last"
-             " step | wall time |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"| script | seed | held-out accuracy, start -> end | gain | final mean length (last {LAST} steps) "
+             f"| truncated, first step -> last {LAST} | wall time | logged, last {LAST} steps |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for script, seeds in results.items():
         for seed, s in seeds.items():
             lines.append(f"| {script}.py | {seed} | {s['start']:.3f} -> {s['end']:.3f} | {s['end'] - s['start']:+.3f} "
                          f"| {s['length']:.1f} | {s['truncated_first']:.2f} -> {s['truncated_last']:.2f} "
-                         f"| {s['wall']:.0f} s |")
+                         f"| {s['wall']:.0f} s | {s['signature']} |")
+    lines += ["", "| script | seeds | accuracy start -> end, mean (range) | final mean length, mean (range) "
+              "| wall time, mean (range) |", "| --- | --- | --- | --- | --- |"]
+    for script, seeds in results.items():
+        def spread(key, digits, values=None):
+            values = values or [s[key] for s in seeds.values()]
+            return f"{sum(values) / len(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+        lines.append(f"| {script}.py | {', '.join(map(str, seeds))} | {spread('start', 3)} -> {spread('end', 3)} "
+                     f"| {spread('length', 1)} | {spread('wall', 0)} s |")
+    if "grpo" in results and "gfpo" in results:
+        both = [seed for seed in results["gfpo"] if seed in results["grpo"]]
+        ratios = ", ".join(f"seed {seed}: {results['gfpo'][seed]['length'] / results['grpo'][seed]['length']:.2f}"
+                           for seed in both)
+        lines += ["", f"GFPO's final mean length over GRPO's, same seed: {ratios}"]
     return "\n".join(lines)
 
 
@@ -128,7 +156,13 @@ def main():
             s = results[script][seed]
             print(f"{script}.py seed {seed}: {s['start']:.3f} -> {s['end']:.3f}, length {s['length']:.1f}, "
                   f"truncated {s['truncated_first']:.2f} -> {s['truncated_last']:.2f}, {s['wall']:.0f} s", flush=True)
-    text = table(results)
+    import platform
+    from importlib.metadata import version
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
+    text = table(results) + (f"\n\nMeasured on {cpu}, Python {platform.python_version()}, torch {version('torch')}, "
+                             f"transformers {version('transformers')}.")
     print(text)
     Path(args.out).with_suffix(".md").write_text(text + "\n")
     draw(runs, Path(args.out))

@@ -91,7 +91,7 @@ def main():
     with torch.no_grad():  # a live value head (the real one starts at zero)
         initial_critic.score.weight.normal_(0, 0.1)
     eos = common.eos_token_ids(initial, tokenizer)
-    rollout = common.generate(initial, tokenizer, ["1+2=", "13+45=", "7+8=", "2+2="], 4, 5, 1.0, eos)
+    rollout = common.generate(initial, tokenizer, ["1234+5=", "5678-3=", "4321+1=", "2000-2="], 4, 8, 1.0, eos)
     B, T = rollout.completion_ids.shape  # 16 rows, 8 per process
     assert rollout.lengths.unique().numel() > 1
     logp = common.rollout_logprobs(initial, rollout, 1.0, micro_batch_size=B)

@@ -91,7 +91,7 @@ def test_micro_batches_divide_by_the_minibatch_token_count_and_add_up():
         (10, 4, [1, 6, 7, 8, 10, 11, 12], [0.0, 0.0, -0.25, -0.5, -1.0, -1.0, -1.0]),
         # the paper's 20480 and 4096: free up to 16384; 16385 -> -1/4096; 18432 -> -2048/4096 = -0.5
         (20480, 4096, [16384, 16385, 18432, 20480, 20481], [0.0, -1 / 4096, -0.5, -1.0, -1.0]),
-        # L_cache 0 (the tiny preset: 4 // 5): no linear part and no 0/0, free up to L_max = 4, then -1
+        # L_cache 0 (as with --max-new-tokens 4: 4 // 5): no linear part and no 0/0, free up to L_max = 4, then -1
         (4, 0, [1, 4, 5], [0.0, 0.0, -1.0]),
         # L_cache = L_max: the line starts at 0 tokens: 1 -> -1/4, 3 -> -3/4, 4 -> -1, 5 -> -1
         (4, 4, [1, 3, 4, 5], [-0.25, -0.75, -1.0, -1.0]),
@@ -143,12 +143,12 @@ def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout):  #
 @pytest.mark.parametrize(
     "args,expected",
     [
-        # the tiny preset: max_new_tokens 4 -> L_cache 4 // 5 = 0, 4 minibatches
-        (dict(), (4, 0, 4)),
+        # the tiny preset: max_new_tokens 40 -> L_cache 40 // 5 = 8, 4 minibatches
+        (dict(), (40, 8, 4)),
         # the paper preset: max_new_tokens 512 -> L_cache 512 // 5 = 102, 16 optimizer steps per rollout batch
         (dict(preset="paper"), (512, 102, 16)),
         # an explicit buffer is kept
-        (dict(overlong_buffer=3), (4, 3, 4)),
+        (dict(overlong_buffer=3), (40, 3, 4)),
     ],
 )
 def test_resolve_args_overlong_buffer_and_minibatches(args, expected):
@@ -161,7 +161,7 @@ BAD_INPUT = [
     (["--clip-eps-low", "-0.1"], "--clip-eps-low"),
     (["--clip-eps-low", "0", "--clip-eps-high", "-0.1"], "--clip-eps-high"),
     (["--overlong-buffer", "-1"], "--overlong-buffer"),
-    (["--overlong-buffer", "5"], "--overlong-buffer"),  # the tiny preset's --max-new-tokens is 4
+    (["--overlong-buffer", "41"], "--overlong-buffer"),  # the tiny preset's --max-new-tokens is 40
     (["--max-gen-batches", "0"], "--max-gen-batches"),
 ]
 
@@ -177,9 +177,9 @@ STEP_LINE = re.compile(r"step (\d+): reward \S+\s+loss (\S+)\s+batches (\d+)\s+k
 @pytest.mark.parametrize(
     "args,fewer",
     [
-        # G = 16 at the start of training: some groups are all wrong, so rounds beyond the first are needed
-        # and the last one's surplus is cut; every step trains on exactly 16 groups
-        ([], False),
+        # G = 4 at the start of training: some groups are all wrong (or all right), so rounds beyond the first
+        # are needed and the last one's surplus is cut; every step trains on exactly 16 groups
+        (["--group-size", "4"], False),
         # G = 2 and a single round: most pairs are equal, fewer than 16 groups survive and are trained on;
         # with truncated completions masked out, 4 minibatches of 8 rows (some short) and micro-batches of 2
         (["--group-size", "2", "--max-gen-batches", "1", "--mask-truncated", "--overlong-buffer", "2",

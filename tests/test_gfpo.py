@@ -227,7 +227,7 @@ def test_adaptive_k_run(tmp_path):
     # from step 4 on k is 8, 6 or 4 per prompt, so the retained rows (and the two minibatches) vary
     result = run(
         "gfpo.py", "--adaptive-k", "--num-prompts", "2", "--num-steps", "6", "--eval-every", "0",
-        "--num-minibatches", "2", "--micro-batch-size", "4", cwd=tmp_path,
+        "--num-minibatches", "2", "--micro-batch-size", "4", "--max-new-tokens", "8", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     steps = re.findall(r"step \d+: reward \S+\s+loss (\S+).* k (\S+)", result.stdout)

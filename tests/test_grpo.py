@@ -100,7 +100,7 @@ def test_policy_loss_seq_mean_token_mean_on_unequal_lengths():
 def tiny_rollout(tiny):
     model, tokenizer, eos = tiny
     torch.manual_seed(0)
-    return model, common.generate(model, tokenizer, ["1+2=", "13+4=", "7+7="], 4, 4, 1.0, eos)
+    return model, common.generate(model, tokenizer, ["1234+5=", "5678-3=", "4321+1="], 4, 8, 1.0, eos)
 
 
 def off_policy_logprobs(model, rollout, noise):

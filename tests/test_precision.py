@@ -44,8 +44,10 @@ def test_bf16_weights_stay_fp32_and_generation_attends_over_bf16_keys_and_values
 
 
 def test_bf16_logprobs_are_close_to_fp32(bf16_tiny):
-    # the same weights in bf16 compute: log-probs agree with fp32 to bf16's precision (8 bits of mantissa: the
-    # logits of this model are O(10), so a few hundredths), and their gradient reaches the fp32 master weights
+    # the same weights in bf16 compute: log-probs agree with fp32 to bf16's precision, and their gradient reaches
+    # the fp32 master weights. This model's logits reach 8-16, where bf16's spacing is 2^-4 = 0.0625; a log-prob
+    # is a logit minus a logsumexp, each a few roundings off: 0.25 = 4 spacings (a shifted position or a wrong
+    # temperature is off by whole units)
     model, tokenizer = bf16_tiny
     reference = common.load_model("tiny", CPU)
     torch.manual_seed(0)
@@ -54,7 +56,7 @@ def test_bf16_logprobs_are_close_to_fp32(bf16_tiny):
         expected, _ = common.completion_logprobs(reference, rollout, 1.0)
     logp, _ = common.completion_logprobs(model, rollout, 1.0)
     mask = rollout.completion_mask
-    assert ((logp - expected).abs() * mask).max() < 0.1
+    assert ((logp - expected).abs() * mask).max() < 0.25
     (logp * mask).sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
 
@@ -95,7 +97,8 @@ class RowCounter:
 def test_no_forward_outside_generation_sees_more_rows_than_the_micro_batch(script, fields, monkeypatch):
     counter = RowCounter(monkeypatch)
     try:
-        script.main(script.Args(num_steps=1, eval_every=0, micro_batch_size=8, eval_batch_size=5, **fields))
+        script.main(script.Args(num_steps=1, eval_every=0, micro_batch_size=8, eval_batch_size=5, max_new_tokens=8,
+                                 **fields))
     finally:
         counter.handle.remove()
     assert counter.inside == 64  # generation samples the whole rollout batch at once (evaluation: 5 prompts)

@@ -42,16 +42,15 @@ def assert_same_weights(a, b):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_kill_and_resume_equals_an_unbroken_run(script, tmp_path):
-    flags = ["--eval-every", "0", "--save-every", "3", *SMALL]
+def test_kill_and_resume_equals_an_unbroken_run(script, tmp_path, capsys):
     unbroken, killed = tmp_path / "unbroken", tmp_path / "killed"
-    result = run(script, "--num-steps", "6", "--save-dir", str(unbroken), *flags)
-    assert result.returncode == 0, result.stderr[-2000:]
+    want = train(script, unbroken, num_steps=6, save_every=3)
 
-    # the same run (long, so it cannot end first), killed with SIGKILL as soon as its step-3 checkpoint exists:
-    # the checkpoint is renamed into place complete, so its folder existing means it is whole
+    # the same run from the command line (long, so it cannot end first), killed with SIGKILL as soon as its step-3
+    # checkpoint exists: the checkpoint is renamed into place complete, so its folder existing means it is whole
     process = subprocess.Popen(
-        command(script, "--num-steps", "100", "--save-dir", str(killed), *flags),
+        command(script, "--num-steps", "100", "--save-dir", str(killed), "--eval-every", "0", "--save-every", "3",
+                *SMALL),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
     )
     deadline = time.time() + 300
@@ -63,10 +62,9 @@ def test_kill_and_resume_equals_an_unbroken_run(script, tmp_path):
     assert not (killed / "step_6").exists()  # killed well before the end
 
     # resumed for 3 more steps: same logged rewards and losses, same weights, as the unbroken run
-    result = run(script, "--num-steps", "6", "--resume", str(killed / "step_3"), *flags)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "resumed from" in result.stdout
-    got, want = metrics(killed), metrics(unbroken)
+    capsys.readouterr()
+    got = train(script, killed, num_steps=6, save_every=3, resume=str(killed / "step_3"))
+    assert "resumed from" in capsys.readouterr().out
     # step 0 is the start's evaluation; the rows logged after step 3 before the kill are gone
     assert sorted(got) == sorted(want) == [0, 1, 2, 3, 4, 5, 6]
     for step in want:
@@ -76,8 +74,9 @@ def test_kill_and_resume_equals_an_unbroken_run(script, tmp_path):
 
 
 def train(script, save_dir, **fields):
-    """A short in-process run of `script` with the embedded default, logging to `save_dir`."""
-    fields = {"num_steps": 3, "eval_every": 0, "save_dir": str(save_dir), "num_prompts": 4, **fields}
+    """A short in-process run of `script` with the embedded default (the flags of SMALL), logging to `save_dir`."""
+    fields = {"num_steps": 3, "eval_every": 0, "save_dir": str(save_dir), "num_prompts": 4, "max_new_tokens": 8,
+              **fields}
     module(script).main(module(script).Args(**fields))
     return metrics(save_dir)
 

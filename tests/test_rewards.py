@@ -14,22 +14,54 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tasks  # noqa: E402
 from common import UserError  # noqa: E402
-from tasks import (PromptStream, arithmetic_reward, countdown_reward, countdown_task, exact_reward,  # noqa: E402
-                   gsm8k_reference, load_task, numeric_answer, numeric_reward, safe_eval_arithmetic)
+from tasks import (PromptStream, arithmetic_reward, arithmetic_working, countdown_reward, countdown_task,  # noqa: E402
+                   exact_reward, gsm8k_reference, load_task, numeric_answer, numeric_reward, safe_eval_arithmetic)
 
 HOSTILE = "__import__('os').system('ls')"
 
 
 @pytest.mark.parametrize("completion, answer, expected", [
-    ("8", 8, 1.0), ("-3", -3, 1.0),
-    (" 8 \n", 8, 1.0),           # surrounding whitespace ignored
-    ("08", 8, 1.0),              # still exactly the integer 8 (int("08") == 8)
-    ("8.0", 8, 0.0),             # not an integer literal
-    ("9", 8, 0.0), ("8 apples", 8, 0.0), ("8\n9", 8, 0.0), ("", 8, 0.0), (HOSTILE, 8, 0.0),
-    ("9" * 5000, 8, 0.0),        # beyond int()'s 4300-digit limit: must score 0, not raise
+    ("1239", 1239, 1.0),                                 # 1234+5 answered directly
+    ("count 1235+4=1236+3=1237+2=1238+1=1239", 1239, 1.0),  # ... or after working
+    (" 1239 \n", 1239, 1.0),                             # surrounding whitespace ignored
+    ("=1239", 1239, 1.0), ("1238=1239", 1239, 1.0),      # the last word, after the last `=` or space, counts
+    ("count 1239", 1239, 1.0), ("so 1238 or 1239", 1239, 1.0),
+    ("1239=1238", 1239, -1.0), ("1239 1238", 1239, -1.0),
+    ("01239", 1239, 1.0),                                # still exactly the integer 1239 (int("01239") == 1239)
+    ("-3", -3, 1.0),
+    ("count 1235+4=1236", 1239, -1.0),                   # stopped early
+    ("count 1235+4=1236+3", 1239, -1.0),                 # cut inside the working: not a number
+    ("1239+0+0+0+0", 1239, -1.0),                        # the ramble
+    ("1238", 1239, -1.0), ("1239.", 1239, -1.0), ("1,239", 1239, -1.0), ("12 39", 1239, -1.0), ("", 1239, -1.0),
+    ("1239-", 1239, -1.0), ("1239-0", 1239, -1.0),
+    (HOSTILE, 1239, -1.0),
+    ("9" * 5000, 1239, -1.0),                            # beyond int()'s 4300-digit limit: must score -1, not raise
+    ("\u0661\u0662\u0663\u0669", 1239, -1.0),            # Arabic-Indic digits for 1239: ASCII digits only
 ])
 def test_arithmetic_reward(completion, answer, expected):
     assert arithmetic_reward(completion, answer) == expected
+
+
+@pytest.mark.parametrize("a, op, b, style, expected", [
+    (1234, "+", 5, "direct", "1239"),
+    (1234, "+", 5, "steps", "count 1235+4=1236+3=1237+2=1238+1=1239"),  # b - 1 = 4 steps, then the answer
+    (1234, "-", 5, "steps", "count 1233-4=1232-3=1231-2=1230-1=1229"),
+    (1238, "+", 3, "steps", "count 1239+2=1240+1=1241"),                 # a carry into the tens
+    (2000, "-", 2, "steps", "count 1999-1=1998"),                        # a borrow through every digit
+    (1234, "+", 1, "steps", "count 1235"),                               # b = 1: nothing to work
+])
+def test_arithmetic_working(a, op, b, style, expected):
+    assert arithmetic_working(a, op, b, style) == expected
+    assert arithmetic_reward(expected, a + b if op == "+" else a - b) == 1.0
+
+
+@pytest.mark.parametrize("style, start", [("direct", "1230-0-0-0"), ("steps", "count 1231-1=1230-0-0-0")])
+def test_arithmetic_ramble_never_answers(style, start):
+    ramble = arithmetic_working(1232, "-", 2, style, ramble=True)
+    assert ramble.startswith(start) and len(ramble) > 64  # past any completion budget
+    assert arithmetic_reward(ramble, 1230) == -1.0
+    # wherever it is cut past the answer (a cut right after it is a finished answer whose EOS was cut off)
+    assert all(arithmetic_reward(ramble[:n], 1230) == -1.0 for n in range(len(start) - 5, len(ramble)))
 
 
 @pytest.mark.parametrize("expression, expected", [
@@ -175,10 +207,14 @@ def test_jsonl_missing_file_and_unknown_task(tmp_path):
 
 def test_arithmetic_task():
     task = load_task("arithmetic")
-    assert (len(task.train), len(task.eval)) == (80, 20)
-    pairs = [tuple(map(int, re.fullmatch(r"(\d)\+(\d)=", r["prompt"]).groups())) for r in task.train + task.eval]
-    assert sorted(pairs) == [(a, b) for a in range(10) for b in range(10)]  # disjoint and complete
-    assert all(r["answer"] == a + b for r, (a, b) in zip(task.train + task.eval, pairs))
+    assert (len(task.train), len(task.eval)) == (40000, 500)
+    prompts = [r["prompt"] for r in task.train + task.eval]
+    assert len(set(prompts)) == len(prompts)  # distinct, so train and held-out rows are disjoint
+    for row in task.train + task.eval:
+        a, op, b = re.fullmatch(r"([0-9]{4})([+-])([1-5])=", row["prompt"]).groups()
+        assert 1010 <= int(a) <= 9989 and row["answer"] == (int(a) + int(b) if op == "+" else int(a) - int(b))
+    assert {r["prompt"][4] for r in task.eval} == {"+", "-"}
+    assert load_task("arithmetic").eval == task.eval  # seeded: the same rows every time
 
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}

@@ -168,14 +168,15 @@ def test_greedy_decoding_equals_transformers_generate(tiny):
 
 
 def test_sampling_frequencies_follow_the_softmax(tiny):
-    # 20000 first tokens after "1+2=" at temperature 0.7 against softmax(logits / 0.7) of a full forward.
+    # 20000 first tokens after "1234+5=" (the direct answer's "1" or the working's "c") at temperature 0.7
+    # against softmax(logits / 0.7) of a full forward.
     # Each frequency has standard deviation sqrt(p (1 - p) / n) <= 0.5 / sqrt(20000) = 0.0035; 0.02 is over 5
     # of them (seeded, so the test is deterministic)
     model, tokenizer, eos = tiny
     torch.manual_seed(0)
     n = 20000
-    first = common.generate(model, tokenizer, ["1+2="], n, 1, 0.7, eos).completion_ids[:, 0]
-    ids = tokenizer(["1+2="], return_tensors="pt", add_special_tokens=False).input_ids
+    first = common.generate(model, tokenizer, ["1234+5="], n, 1, 0.7, eos).completion_ids[:, 0]
+    ids = tokenizer(["1234+5="], return_tensors="pt", add_special_tokens=False).input_ids
     with torch.no_grad():
         probs = torch.softmax(model(ids).logits[0, -1] / 0.7, dim=-1)
     frequencies = torch.bincount(first, minlength=probs.numel()).float() / n
@@ -208,7 +209,7 @@ def test_output_layers_that_change_the_logits_are_refused(tiny):
 
 
 def test_models_train_without_dropout_and_checkpointing_is_active():
-    # a tiny Qwen2 with 50% attention dropout: after common.prepare two forwards in training mode agree (no
+    # the tiny model with 50% attention dropout: after common.prepare two forwards in training mode agree (no
     # dropout), and gradient checkpointing is on and gives the gradient of the plain backward
     from transformers import AutoConfig, AutoModelForCausalLM
 

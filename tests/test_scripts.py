@@ -16,7 +16,8 @@ SCRIPTS = ["grpo.py", "dapo.py", "gspo.py", "gfpo.py", "ppo.py"]
 
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
-SMALL = ["--num-prompts", "4"]  # plumbing tests: 4 prompts a step (ppo's preset has 128) keep the suite quick
+# plumbing tests: 4 prompts a step (ppo's preset has 128) and 8 new tokens (the preset's 40) keep the suite quick
+SMALL = ["--num-prompts", "4", "--max-new-tokens", "8"]
 
 
 def command(script, *args):
@@ -98,8 +99,9 @@ def test_user_error_is_one_line_and_exit_2(script, tmp_path):
 
 
 def test_grpo_learns_arithmetic_with_a_fixed_seed(tmp_path):
-    # 300 steps of the embedded default (seed 1): held-out greedy accuracy must rise by 10 points or more
-    result = run("grpo.py", "--num-steps", "300", "--eval-every", "0", "--seed", "1", cwd=tmp_path)
+    # 15 of the embedded default's 100 steps (seed 1): held-out greedy accuracy must rise by 15 points or more
+    # (seeds 1-4 rose by 50 or more points in 15 steps: the margin is wide)
+    result = run("grpo.py", "--num-steps", "15", "--eval-every", "0", "--seed", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     start, end = map(float, re.search(r"start (\S+) -> end (\S+)", result.stdout).groups())
-    assert end >= start + 0.1, result.stdout[-3000:]
+    assert end >= start + 0.15, result.stdout[-3000:]
