@@ -1,6 +1,7 @@
 """The tasks (prompts with reference answers), their reward functions and the held-out evaluation.
 
-Rewards parse model output safely: garbage or hostile output scores 0 and never raises.
+Rewards parse model output safely: garbage or hostile output gets the lowest reward (0; -1 for arithmetic) and
+never raises.
 """
 
 from __future__ import annotations
