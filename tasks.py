@@ -82,7 +82,7 @@ def safe_eval_arithmetic(expression: str) -> Optional[tuple[Fraction, list[int]]
 
 def arithmetic_reward(completion: str, answer: int) -> float:
     """1 if the completion's last word (after its last space or `=`) is exactly the integer answer, else -1 (DAPO's
-    rule-based reward, eq. 5: a wrong answer's reward / length then rises with its length, see gfpo.py)."""
+    rule-based reward, section 2.4; how its sign meets GFPO's reward / length: docs/gfpo.md)."""
     text = re.split(r"[=\s]", completion.strip())[-1]
     return 1.0 if len(text) <= 20 and re.fullmatch(r"-?[0-9]+", text) is not None and int(text) == answer else -1.0
 
