@@ -532,7 +532,7 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_toke
 
 
 def completion_logprobs(model, rollout: Rollout, temperature: float, with_entropy: bool = False,
-                        chunk_size: int = 512):
+                        chunk_size: int = 256):
     """Log-prob of every completion token under `model` at the sampling temperature, (B, T) in fp32, and with
     `with_entropy` the entropy of softmax(logits / temperature) at each token (else None).
 
@@ -552,7 +552,8 @@ def _completion_logprobs(model, input_ids, attention_mask, prompt_len, temperatu
     chunks = zip(hidden.reshape(B * T, H).split(chunk_size), input_ids[:, prompt_len:].reshape(B * T).split(chunk_size))
     args = (lm_head.weight, lm_head.bias, temperature, with_entropy)
     if torch.is_grad_enabled():  # the backward recomputes each chunk's logits rather than keeping them
-        outs = [checkpoint(_token_logprobs, h, y, *args, use_reentrant=False) for h, y in chunks]
+        outs = [checkpoint(_token_logprobs, h, y, *args, use_reentrant=False, preserve_rng_state=False)  # no sampling
+                for h, y in chunks]
     else:
         outs = [_token_logprobs(h, y, *args) for h, y in chunks]
     # new tensors, not views: FSDP2 hooks the outputs of a forward for the backward pass
@@ -562,7 +563,11 @@ def _completion_logprobs(model, input_ids, attention_mask, prompt_len, temperatu
 
 def _token_logprobs(hidden, targets, weight, bias, temperature, with_entropy):
     """log softmax(logits / T)[target] and the entropy, for one chunk of tokens, in fp32."""
-    log_probs = torch.log_softmax(F.linear(hidden, weight, bias).float() / temperature, dim=-1)
+    # (W h^T)^T, not h W^T: each chunk's weight gradient comes out untransposed and autograd sums them in place
+    logits = (weight @ (hidden / temperature).T).T  # 1/T on the narrow side, not on a vocabulary-wide tensor
+    if bias is not None:
+        logits = logits + bias / temperature
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
     entropy = -(log_probs.exp() * log_probs).sum(dim=-1) if with_entropy else None
     return log_probs.gather(1, targets[:, None]).squeeze(1), entropy
 

@@ -77,7 +77,7 @@ class Args:
     """AdamW weight decay"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
-    logprob_chunk_size: int = 512
+    logprob_chunk_size: int = 256
     """completion tokens whose logits are computed at a time (a memory bound)"""
     eval_every: Optional[int] = None
     """evaluate greedy held-out accuracy every N steps (default: from the preset); always at the start and the end"""

@@ -104,6 +104,26 @@ def test_no_tensor_holds_every_tokens_logits(tiny):
     assert LargestFloat32.largest == 4
 
 
+def test_the_chunks_weight_gradients_are_summed_in_place(tiny):
+    # the tied embedding (98 x 128) gets one gradient per LM head chunk plus one from the input embedding. Autograd
+    # sums them into one buffer: in place (add_) they hold two vocab x hidden tensors at once; an out-of-place add
+    # (a new sum while both terms live) would hold three. 6 rows x 5 tokens = 30 tokens in chunks of 8: 4 chunks,
+    # so 4 + 1 = 5 gradients and 4 in-place adds. (The profiler sees the ops without holding references to them.)
+    from torch.profiler import ProfilerActivity, profile
+
+    model, tokenizer, eos = tiny
+    assert common.output_layer(model).weight is model.get_input_embeddings().weight
+    torch.manual_seed(0)
+    rollout = common.generate(model, tokenizer, ["1+2=", "13+45="], 3, 5, 1.0, eos)
+    assert rollout.completion_ids.shape == (6, 5)
+    logp, _ = common.completion_logprobs(model, rollout, 1.0, chunk_size=8)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        logp.sum().backward()
+    model.zero_grad()
+    adds = [e.name for e in prof.events() if e.name in ("aten::add", "aten::add_") and e.input_shapes[:1] == [[98, 128]]]
+    assert adds == ["aten::add_"] * 4
+
+
 def test_token_logprobs_entropy_and_gradients_by_hand():
     # a 2-token vocabulary; hidden [1] through weights [0, 2 ln 3] gives logits [0, 2 ln 3], at temperature 2
     # z = [0, ln 3]: p = [1/4, 3/4]. Entropy H = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.3466 + 0.2158 = 0.5623.
