@@ -302,11 +302,12 @@ def main(args: Args):
         wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.exp_name, config=asdict(args))
 
     def run_eval(step):
-        accuracy, samples = tasks.evaluate(model, tokenizer, task, args.max_new_tokens, eos_ids, args.eval_batch_size)
-        tqdm.write(f"step {step}: held-out greedy accuracy {accuracy:.3f} ({len(task.eval)} prompts)")
+        accuracy, length, samples = tasks.evaluate(model, tokenizer, task, args.max_new_tokens, eos_ids,
+                                                   args.eval_batch_size)
+        tqdm.write(f"step {step}: held-out greedy accuracy {accuracy:.3f}  len {length:.1f} ({len(task.eval)} prompts)")
         if track:  # a few completions, to read
             wandb.log({"eval/samples": wandb.Table(["prompt", "completion", "reward"], samples[:8])}, step=step)
-        return accuracy
+        return {"eval/accuracy": accuracy, "eval/mean_length": length}
 
     def save(step):
         extra = {"skipped_steps": skipped_steps, "skipped_in_a_row": skipped_in_a_row}
@@ -316,7 +317,7 @@ def main(args: Args):
 
     def end_step(step, logged):  # evaluation when due, metrics, the stop after non-finite steps, checkpoints
         if args.eval_every and step % args.eval_every == 0 or step == args.num_steps:
-            logged["eval/accuracy"] = run_eval(step)
+            logged.update(run_eval(step))
         common.log_metrics(args.save_dir, step, {**logged, "perf/elapsed": time.time() - start_time}, track)
         common.check(skipped_in_a_row < args.max_skipped,
                      f"stopping at step {step}: {skipped_in_a_row} steps in a row had a non-finite loss or gradient"
@@ -332,9 +333,9 @@ def main(args: Args):
         common.check(start_step < args.num_steps,
                      f"--num-steps {args.num_steps}: the checkpoint is already at step {start_step}")
     start_time = time.time()
-    start_accuracy = run_eval(start_step)
+    start_eval = run_eval(start_step)
     if not args.resume:
-        common.log_metrics(args.save_dir, 0, {"eval/accuracy": start_accuracy, "perf/elapsed": 0.0}, track)
+        common.log_metrics(args.save_dir, 0, {**start_eval, "perf/elapsed": 0.0}, track)
     num_prompts = args.num_prompts // common.world_size()  # this process's share of each rollout batch
     batch_size = num_prompts * args.samples_per_prompt
     minibatch_size = batch_size // args.num_minibatches
@@ -431,7 +432,7 @@ def main(args: Args):
             tqdm.write(f"step {step}: {step_skipped} optimizer step(s) skipped: non-finite loss or gradient norm")
         end_step(step, logged)
 
-    print(f"held-out greedy accuracy: start {start_accuracy:.3f} -> end {logged['eval/accuracy']:.3f}"
+    print(f"held-out greedy accuracy: start {start_eval['eval/accuracy']:.3f} -> end {logged['eval/accuracy']:.3f}"
           f" ({time.time() - start_time:.0f}s)")
     if track:
         wandb.finish()

@@ -284,22 +284,24 @@ def score(task: Task, completions: list[str], rows: list[dict], group_size: int)
 
 @torch.no_grad()
 def evaluate(model, tokenizer, task: Task, max_new_tokens: int, eos_ids: list[int], batch_size: Optional[int] = None):
-    """Greedy accuracy on the fixed held-out rows, `batch_size` prompts per generation (None: all at once). Returns
-    (accuracy, [(prompt, completion, reward)]). Greedy decoding draws no random numbers, so evaluating never changes
-    what training samples. Under torchrun each process evaluates an equal share (padded with rows that do not
-    count) and the accuracy is summed over processes; the samples are this process's."""
+    """Greedy accuracy and mean completion length (tokens, EOS counted) on the fixed held-out rows, `batch_size`
+    prompts per generation (None: all at once). Returns (accuracy, mean_length, [(prompt, completion, reward)]).
+    Greedy decoding draws no random numbers, so evaluating never changes what training samples. Under torchrun
+    each process evaluates an equal share (padded with rows that do not count) and the sums are taken over
+    processes; the samples are this process's."""
     per_process = math.ceil(len(task.eval) / common.world_size())
     rows = task.eval[common.rank() * per_process : (common.rank() + 1) * per_process]
     counts = torch.tensor([1.0] * len(rows) + [0.0] * (per_process - len(rows)))
     rows, batch_size = rows + [task.eval[0]] * (per_process - len(rows)), batch_size or per_process
-    rewards, samples = [], []
+    rewards, lengths, samples = [], [], []
     for start in range(0, per_process, batch_size):
         batch = rows[start : start + batch_size]
         prompts = [common.format_prompt(tokenizer, r["prompt"], task.use_chat_template) for r in batch]
         rollout = common.generate(model, tokenizer, prompts, 1, max_new_tokens, 1.0, eos_ids, greedy=True)
         completions = common.decode_completions(tokenizer, rollout)
         rewards.append(score(task, completions, batch, 1))
+        lengths.append(rollout.lengths.float().cpu())
         samples += [(r["prompt"], c, float(x)) for r, c, x in zip(batch, completions, rewards[-1])]
-    correct = (torch.cat(rewards).eq(1.0).float() * counts).sum()
-    accuracy = common.all_reduce(correct.to(next(model.parameters()).device), "sum").item() / len(task.eval)
-    return accuracy, samples[: int(counts.sum())]
+    sums = torch.stack([(torch.cat(rewards).eq(1.0).float() * counts).sum(), (torch.cat(lengths) * counts).sum()])
+    correct, total_length = common.all_reduce(sums.to(next(model.parameters()).device), "sum").tolist()
+    return correct / len(task.eval), total_length / len(task.eval), samples[: int(counts.sum())]

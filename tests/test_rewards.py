@@ -10,8 +10,10 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
 import tasks  # noqa: E402
 from common import UserError  # noqa: E402
 from tasks import (PromptStream, arithmetic_reward, arithmetic_working, countdown_reward, countdown_task,  # noqa: E402
@@ -203,6 +205,31 @@ def test_jsonl_missing_file_and_unknown_task(tmp_path):
     for name in ["nope", "jsonl", "Arithmetic"]:
         with pytest.raises(UserError, match="unknown task"):
             load_task(name)
+
+
+def test_evaluate_counts_accuracy_and_length_over_every_held_out_row(tiny, monkeypatch):
+    # 3 held-out rows, generated 2 at a time by a stand-in for greedy decoding that answers from a table.
+    # Lengths count the EOS: "1239" 4 + 1 = 5, "count 1233-1=1232" 17 + 1 = 18, "1997" 4 + 1 = 5.
+    # Right: 1239 for 1234+5 and 1997 for 2000-3; 1232 for 1234-5 is wrong. Accuracy 2/3, mean length 28/3.
+    model, tokenizer, eos_ids = tiny
+    rows = [{"prompt": p, "answer": x} for p, x in [("1234+5=", 1239), ("1234-5=", 1229), ("2000-3=", 1997)]]
+    answers = {"1234+5=": "1239", "1234-5=": "count 1233-1=1232", "2000-3=": "1997"}
+    batches = []
+
+    def generate(model, tokenizer, prompts, group_size, max_new_tokens, temperature, eos_ids, greedy=False):
+        batches.append(len(prompts))
+        ids = [tokenizer(answers[p], add_special_tokens=False).input_ids + eos_ids[:1] for p in prompts]
+        completion_ids = torch.tensor([x + eos_ids[:1] * (max(map(len, ids)) - len(x)) for x in ids])
+        mask, lengths, truncated = common.completion_mask(completion_ids, eos_ids)
+        no_prompt = torch.zeros(len(ids), 0, dtype=torch.long)
+        return common.Rollout(no_prompt, no_prompt, completion_ids, mask, lengths, truncated, mask)
+
+    monkeypatch.setattr(common, "generate", generate)
+    task = tasks.Task("arithmetic", rows, rows, arithmetic_reward, False)
+    accuracy, length, samples = tasks.evaluate(model, tokenizer, task, 40, eos_ids, batch_size=2)
+    assert batches == [2, 1]
+    assert accuracy == pytest.approx(2 / 3) and length == pytest.approx(28 / 3)
+    assert [reward for _, _, reward in samples] == [1.0, -1.0, 1.0]
 
 
 def test_arithmetic_task():
