@@ -6,11 +6,12 @@
 
 Each run is `python X.py --seed N --save-dir RUNS/X-seedN` with nothing else changed, one at a time; a run whose
 wall time was recorded (it is, once the run ended well) is read, not run again. The figure has held-out greedy accuracy
-against step and against wall time, and mean completion length against step: one line per script (the mean over
-seeds) and a band from the lowest to the highest seed. A table per seed (start -> end accuracy, final mean
-length and truncated fraction (means over the last 10 steps; the truncated fraction also at the first step), wall
-time of the whole command, GSPO's clip fraction and PPO's critic metrics), a table per script (mean and range over
-seeds) and GFPO's length over GRPO's go to stdout and to curves.md beside the PNG, with the CPU and versions.
+against step and against wall time, and mean completion length against step, of the sampled completions and of
+the held-out greedy ones: one line per script (the mean over seeds) and a band from the lowest to the highest seed.
+A table per seed (start -> end accuracy and held-out greedy length, final mean sampled length and truncated
+fraction (means over the last 10 steps; the truncated fraction also at the first step), wall time of the whole
+command, GSPO's clip fraction and PPO's critic metrics), a table per script (mean and range over seeds) and GFPO's
+lengths over GRPO's go to stdout and to curves.md beside the PNG, with the CPU and versions.
 """
 
 import argparse
@@ -53,6 +54,7 @@ def summary(rows: list[dict], wall: float) -> dict:
     steps = [r for r in rows if "completion/mean_length" in r]
     last = steps[-LAST:]
     return dict(start=evals[0]["eval/accuracy"], end=evals[-1]["eval/accuracy"],
+                eval_length_start=evals[0]["eval/mean_length"], eval_length=evals[-1]["eval/mean_length"],
                 length=sum(r["completion/mean_length"] for r in last) / len(last),
                 truncated_first=steps[0]["completion/truncated_frac"],
                 truncated_last=sum(r["completion/truncated_frac"] for r in last) / len(last), wall=wall,
@@ -66,27 +68,30 @@ def signature(last: list[dict]) -> str:
 
 
 def table(results: dict) -> str:
-    lines = [f"| script | seed | held-out accuracy, start -> end | gain | final mean length (last {LAST} steps) "
-             f"| truncated, first step -> last {LAST} | wall time | logged, last {LAST} steps |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"| script | seed | held-out accuracy, start -> end | gain | held-out greedy length, start -> end "
+             f"| sampled length (last {LAST} steps) | truncated, first step -> last {LAST} | wall time "
+             f"| logged, last {LAST} steps |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for script, seeds in results.items():
         for seed, s in seeds.items():
             lines.append(f"| {script}.py | {seed} | {s['start']:.3f} -> {s['end']:.3f} | {s['end'] - s['start']:+.3f} "
+                         f"| {s['eval_length_start']:.1f} -> {s['eval_length']:.1f} "
                          f"| {s['length']:.1f} | {s['truncated_first']:.2f} -> {s['truncated_last']:.2f} "
                          f"| {s['wall']:.0f} s | {s['signature']} |")
-    lines += ["", "| script | seeds | accuracy start -> end, mean (range) | final mean length, mean (range) "
-              "| wall time, mean (range) |", "| --- | --- | --- | --- | --- |"]
+    lines += ["", "| script | seeds | accuracy start -> end, mean (range) | held-out greedy length at the end, mean "
+              "(range) | sampled length, mean (range) | wall time, mean (range) |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for script, seeds in results.items():
         def spread(key, digits, values=None):
             values = values or [s[key] for s in seeds.values()]
             return f"{sum(values) / len(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
         lines.append(f"| {script}.py | {', '.join(map(str, seeds))} | {spread('start', 3)} -> {spread('end', 3)} "
-                     f"| {spread('length', 1)} | {spread('wall', 0)} s |")
+                     f"| {spread('eval_length', 1)} | {spread('length', 1)} | {spread('wall', 0)} s |")
     if "grpo" in results and "gfpo" in results:
         both = [seed for seed in results["gfpo"] if seed in results["grpo"]]
-        ratios = ", ".join(f"seed {seed}: {results['gfpo'][seed]['length'] / results['grpo'][seed]['length']:.2f}"
-                           for seed in both)
-        lines += ["", f"GFPO's final mean length over GRPO's, same seed: {ratios}"]
+        for key, what in [("eval_length", "held-out greedy length at the end"), ("length", "sampled length")]:
+            ratios = ", ".join(f"seed {seed}: {results['gfpo'][seed][key] / results['grpo'][seed][key]:.2f}"
+                               for seed in both)
+            lines += ["", f"GFPO's {what} over GRPO's, same seed: {ratios}"]
     return "\n".join(lines)
 
 
@@ -106,7 +111,8 @@ def draw(runs: dict, out: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    axes = axes.flatten()
     for script, seeds in runs.items():
         evals = [[r for r in rows if "eval/accuracy" in r] for rows in seeds.values()]
         steps = [[r for r in rows if "completion/mean_length" in r] for rows in seeds.values()]
@@ -117,9 +123,12 @@ def draw(runs: dict, out: Path):
              color, f"{script}.py")
         band(axes[2], [[r["step"] for r in s] for s in steps], [[r["completion/mean_length"] for r in s] for s in steps],
              color, f"{script}.py")
+        band(axes[3], [[r["step"] for r in e] for e in evals], [[r["eval/mean_length"] for r in e] for e in evals],
+             color, f"{script}.py")
     for ax, (xlabel, ylabel) in zip(axes, [("step", "held-out greedy accuracy"),
                                            ("wall time of training and evaluation (s)", "held-out greedy accuracy"),
-                                           ("step", "mean completion length (tokens)")]):
+                                           ("step", "sampled completion length (tokens)"),
+                                           ("step", "held-out greedy completion length (tokens)")]):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
