@@ -13,8 +13,9 @@ Times on a CPU say little about an H100, but these counts do not depend on the d
 Identical work on both sides: Qwen2.5-0.5B's shapes with 2 layers, randomly initialised (seed 0); 4 prompts x 8
 completions, up to 64 new tokens, micro-batches of 8, two passes over each rollout batch (so the old log-probs are
 needed), beta 0.04 (so the reference's are too), bf16. So that completions end at different lengths, as real ones
-do, the EOS row of the tied embedding points along the mean final hidden state, scaled so that a sampled
-completion ends after about 20 tokens on average (`make_model`); both sides sample from that same model.
+do, the EOS row of the tied embedding points along the mean final hidden state, scaled by bisection toward a mean
+length of 20 tokens on a calibration prompt (`make_model`); the measured prompts end at other lengths, which the
+table reports. Both sides sample from that same model.
 """
 
 import json
@@ -33,9 +34,9 @@ PROMPTS, GROUP, TOKENS, MICRO, STEPS = 4, 8, 64, 8, 2
 
 
 def make_model(out: Path):
-    """qwen-shape, random, with an EOS (id 0, the tiny tokenizer's) that ends a sampled completion after ~20 tokens:
-    its row of the tied embedding points along the mean final hidden state of a sampled rollout, scaled by
-    bisection on the mean length of sampled rollouts."""
+    """qwen-shape, random, with an EOS (id 0, the tiny tokenizer's) that ends sampled completions of the calibration
+    prompt `12+34=` after about 20 tokens: its row of the tied embedding points along the mean final hidden state
+    of a sampled rollout, scaled by bisection on the mean length of sampled rollouts."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
