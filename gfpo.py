@@ -1,9 +1,9 @@
 """GFPO: Group Filtered Policy Optimization (Microsoft, arXiv 2508.09726, eq. 2, Algorithms 1-2).
 
-GRPO (grpo.py) with a filter: sample G completions per prompt, retain the k that score best on --metric (the
-shortest, or the most reward per token) and train on those alone, with advantages normalised within them; the
-rest get no forward or backward pass, and the policy learns brevity. The loss is a token-mean with an entropy
-bonus; --adaptive-k sets k per prompt from its difficulty (Algorithm 2). More in docs/gfpo.md.
+GRPO (grpo.py) with a filter, for shorter completions: sample G per prompt, retain the k that score best on
+--metric (the shortest, or the most reward per token) and train on those alone, with advantages normalised within
+them. The loss is a token-mean over the retained tokens with an entropy bonus; with one epoch and one minibatch (the
+default) the ratio is exactly 1. --adaptive-k sets k per prompt from its difficulty (Algorithm 2). See docs/gfpo.md.
 """
 
 import math
@@ -126,9 +126,8 @@ def resolve_args(args: Args) -> Args:
 def validate_args(args: Args, world_size: int = 1):
     """Every flag in range; under torchrun the batch is split over `world_size` processes."""
     common.check_flags(args, dict(
-        num_steps=1, num_prompts=1, group_size=2, max_new_tokens=1, update_epochs=1, logprob_chunk_size=1,
-        eval_batch_size=1, max_skipped=1, beta=0, clip_eps=0, adv_eps=0, ent_coef=0, eval_every=0, save_every=0,
-        keep_last=0,
+        num_steps=1, num_prompts=1, group_size=2, max_new_tokens=1, update_epochs=1, logprob_chunk_size=1, ent_coef=0,
+        eval_batch_size=1, max_skipped=1, beta=0, clip_eps=0, adv_eps=0, eval_every=0, save_every=0, keep_last=0,
     ), positive=("temperature", "learning_rate", "max_grad_norm"))
     common.check(args.metric in ("length", "token_efficiency"), f"--metric {args.metric}: length or token_efficiency")
     common.check(2 <= args.k < args.group_size,  # k = G is GRPO, k = 1 leaves nothing to compare
@@ -136,6 +135,8 @@ def validate_args(args: Args, world_size: int = 1):
     common.check(not (args.adaptive_k and world_size > 1), "--adaptive-k: one process only (the retained rows would"
                  " differ between processes, whose FSDP passes must match)")
     common.check_batches(args, args.k, "--k", world_size)  # GFPO: only the retained completions are trained on
+    common.check(not args.adaptive_k or args.num_prompts * max(2, math.ceil(args.k / 2)) >= args.num_minibatches,
+                 f"--num-minibatches {args.num_minibatches}: more than the fewest rows --adaptive-k can retain")
 
 
 def select_retained(rewards: torch.Tensor, lengths: torch.Tensor, group_size: int, k, metric: str) -> torch.Tensor:

@@ -212,6 +212,8 @@ def test_filtered_completions_get_no_forward_pass(monkeypatch, k, rows):
         (["--ent-coef", "-0.001"], "--ent-coef"),
         (["--num-minibatches", "256"], "--num-minibatches"),  # divides the 256 sampled, not the 16 x 8 = 128 retained
         (["--micro-batch-size", "256"], "--micro-batch-size"),  # the minibatch is the 128 retained rows
+        # 128 divides the 16 x 8 retained, but --adaptive-k can retain 16 x ceil(8 / 2) = 64: empty minibatches
+        (["--adaptive-k", "--num-minibatches", "128"], "--num-minibatches 128: more than the fewest rows"),
     ],
 )
 def test_bad_gfpo_input(args, names, tmp_path):
