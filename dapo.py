@@ -351,14 +351,13 @@ def main(args: Args):
         # 5. Logging (one host sync per step), evaluation and checkpoints. DAPO: reward and completion statistics
         # over every completion generated in step 1, the dropped groups included; loss and policy statistics over
         # the groups trained on
-        tokens = mask.sum().clamp(min=1)  # --mask-truncated can leave no token
         logged = {k: torch.stack([m[k] for m in step_metrics]).mean() for k in step_metrics[0]}
         logged.update({
             "reward/mean": all_rewards.mean(),
             "reward/std": all_rewards.std(),
             "completion/mean_length": all_lengths.float().mean(),
             "completion/truncated_frac": all_truncated.float().mean(),
-            "policy/entropy": (rollout.entropy * mask).sum() / mask.sum(),
+            "policy/entropy": (rollout.entropy * mask).sum() / mask.sum().clamp(min=1),  # masking can leave none
             "optim/grad_norm": grad_norm,
             "groups/zero_std_frac": (all_rewards.view(-1, args.group_size).std(dim=1) == 0).float().mean(),
             "dapo/overlong_penalty": all_penalty.mean(),

@@ -305,7 +305,7 @@ def main(args: Args):
             "perf/time_train": time_train,
         })
         tqdm.write(f"step {step}: reward {logged['reward/mean']:.3f}  loss {logged['loss/policy']:+.4f}"
-                   f"  kl {logged.get('loss/kl', 0.0):.4f}  len {logged['completion/mean_length']:.1f}"
+                   f"  clip {logged['policy/clip_frac']:.3f}  len {logged['completion/mean_length']:.1f}"
                    f"  grad {logged['optim/grad_norm']:.3f}  {logged['perf/tokens_per_sec']:.0f} tok/s")
         if step_skipped:
             tqdm.write(f"step {step}: {step_skipped} optimizer step(s) skipped: non-finite loss or gradient norm")

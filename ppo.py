@@ -215,6 +215,7 @@ def compute_value_loss(values, old_values, returns, mask, clip_eps_value: float,
     unclipped_error = (values - returns) ** 2
     clipped_error = (clipped_values - returns) ** 2
     per_token = 0.5 * torch.max(unclipped_error, clipped_error)
+    # token-mean: sum_{i,t} v[i, t] / sum_i |o_i|, over the whole minibatch, as the policy loss
     loss = (per_token * mask).sum() / num_tokens
 
     with torch.no_grad():
