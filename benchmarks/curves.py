@@ -6,9 +6,10 @@
 
 Each run is `python X.py --seed N --save-dir RUNS/X-seedN` with nothing else changed, one at a time; a run whose
 wall time was recorded (it is, once the run ended well) is read, not run again. The figure has held-out greedy accuracy
-against step and against wall time, and mean completion length against step, of the sampled completions and of
-the held-out greedy ones: one line per script (the mean over seeds) and a band from the lowest to the highest seed.
-A table per seed (start -> end accuracy and held-out greedy length, final mean sampled length and truncated
+against step and against wall time; the sampled reward, mean completion length (of the sampled completions and of
+the held-out greedy ones) and truncated fraction against step: one line per script (the mean over seeds) and a
+band from the lowest to the highest seed.
+A table per seed (start -> end accuracy and held-out greedy length, final mean sampled reward, length and truncated
 fraction (means over the last 10 steps; the truncated fraction also at the first step), wall time of the whole
 command, GSPO's clip fraction and PPO's critic metrics), a table per script (mean and range over seeds) and GFPO's
 lengths over GRPO's go to stdout and to curves.md beside the PNG, with the CPU and versions.
@@ -46,7 +47,7 @@ def run(script: str, seed: int, out: Path) -> float:
     return wall
 
 
-LAST = 10  # "final" length and truncated fraction: the mean over the last 10 steps (one step is noisy)
+LAST = 10  # "final" reward, length and truncated fraction: the mean over the last 10 steps (one step is noisy)
 
 
 def summary(rows: list[dict], wall: float) -> dict:
@@ -55,6 +56,7 @@ def summary(rows: list[dict], wall: float) -> dict:
     last = steps[-LAST:]
     return dict(start=evals[0]["eval/accuracy"], end=evals[-1]["eval/accuracy"],
                 eval_length_start=evals[0]["eval/mean_length"], eval_length=evals[-1]["eval/mean_length"],
+                reward=sum(r["reward/mean"] for r in last) / len(last),
                 length=sum(r["completion/mean_length"] for r in last) / len(last),
                 truncated_first=steps[0]["completion/truncated_frac"],
                 truncated_last=sum(r["completion/truncated_frac"] for r in last) / len(last), wall=wall,
@@ -69,23 +71,25 @@ def signature(last: list[dict]) -> str:
 
 def table(results: dict) -> str:
     lines = [f"| script | seed | held-out accuracy, start -> end | gain | held-out greedy length, start -> end "
-             f"| sampled length (last {LAST} steps) | truncated, first step -> last {LAST} | wall time "
+             f"| sampled reward, length (last {LAST} steps) | truncated, first step -> last {LAST} | wall time "
              f"| logged, last {LAST} steps |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for script, seeds in results.items():
         for seed, s in seeds.items():
             lines.append(f"| {script}.py | {seed} | {s['start']:.3f} -> {s['end']:.3f} | {s['end'] - s['start']:+.3f} "
                          f"| {s['eval_length_start']:.1f} -> {s['eval_length']:.1f} "
-                         f"| {s['length']:.1f} | {s['truncated_first']:.2f} -> {s['truncated_last']:.2f} "
+                         f"| {s['reward']:+.2f}, {s['length']:.1f} "
+                         f"| {s['truncated_first']:.2f} -> {s['truncated_last']:.2f} "
                          f"| {s['wall']:.0f} s | {s['signature']} |")
     lines += ["", "| script | seeds | accuracy start -> end, mean (range) | held-out greedy length at the end, mean "
-              "(range) | sampled length, mean (range) | wall time, mean (range) |",
-              "| --- | --- | --- | --- | --- | --- |"]
+              "(range) | sampled reward, mean (range) | sampled length, mean (range) | wall time, mean (range) |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for script, seeds in results.items():
         def spread(key, digits, values=None):
             values = values or [s[key] for s in seeds.values()]
             return f"{sum(values) / len(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
         lines.append(f"| {script}.py | {', '.join(map(str, seeds))} | {spread('start', 3)} -> {spread('end', 3)} "
-                     f"| {spread('eval_length', 1)} | {spread('length', 1)} | {spread('wall', 0)} s |")
+                     f"| {spread('eval_length', 1)} | {spread('reward', 2)} | {spread('length', 1)} "
+                     f"| {spread('wall', 0)} s |")
     if "grpo" in results and "gfpo" in results:
         both = [seed for seed in results["gfpo"] if seed in results["grpo"]]
         for key, what in [("eval_length", "held-out greedy length at the end"), ("length", "sampled length")]:
@@ -96,12 +100,13 @@ def table(results: dict) -> str:
 
 
 def band(ax, xs: list[list[float]], ys: list[list[float]], color: str, label: str):
-    """Mean over seeds as a line, lowest to highest seed as a band, on the x grid of the first seed."""
+    """Mean over seeds as a line, lowest to highest seed as a band, on the x grid of the first seed; a marker at
+    each point of a sparse series (the evaluations), so a straight segment between two reads as no measurement."""
     import numpy as np
 
     grid = np.array(xs[0])
     curves = np.array([np.interp(grid, x, y) for x, y in zip(xs, ys)])
-    ax.plot(grid, curves.mean(axis=0), color=color, label=label)
+    ax.plot(grid, curves.mean(axis=0), color=color, label=label, marker="o" if len(grid) <= 20 else None, markersize=3)
     ax.fill_between(grid, curves.min(axis=0), curves.max(axis=0), color=color, alpha=0.2, linewidth=0)
 
 
@@ -111,7 +116,7 @@ def draw(runs: dict, out: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig, axes = plt.subplots(2, 3, figsize=(19, 9))
     axes = axes.flatten()
     for script, seeds in runs.items():
         evals = [[r for r in rows if "eval/accuracy" in r] for rows in seeds.values()]
@@ -121,14 +126,17 @@ def draw(runs: dict, out: Path):
              f"{script}.py")
         band(axes[1], [[r["perf/elapsed"] for r in e] for e in evals], [[r["eval/accuracy"] for r in e] for e in evals],
              color, f"{script}.py")
-        band(axes[2], [[r["step"] for r in s] for s in steps], [[r["completion/mean_length"] for r in s] for s in steps],
-             color, f"{script}.py")
-        band(axes[3], [[r["step"] for r in e] for e in evals], [[r["eval/mean_length"] for r in e] for e in evals],
-             color, f"{script}.py")
+        for ax, key in zip(axes[2:], ["reward/mean", "completion/mean_length", "eval/mean_length",
+                                      "completion/truncated_frac"]):
+            series = evals if key.startswith("eval/") else steps
+            band(ax, [[r["step"] for r in e] for e in series], [[r[key] for r in e] for e in series], color,
+                 f"{script}.py")
     for ax, (xlabel, ylabel) in zip(axes, [("step", "held-out greedy accuracy"),
                                            ("wall time of training and evaluation (s)", "held-out greedy accuracy"),
+                                           ("step", "sampled reward, reward/mean (DAPO: with its penalty)"),
                                            ("step", "sampled completion length (tokens)"),
-                                           ("step", "held-out greedy completion length (tokens)")]):
+                                           ("step", "held-out greedy completion length (tokens)"),
+                                           ("step", "sampled completions truncated (share)")]):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
