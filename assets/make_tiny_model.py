@@ -104,6 +104,15 @@ def warm_start(model, tokenizer, task):
     model.eval()
 
 
+def report(model, tokenizer, task) -> str:
+    """The warm start's held-out greedy accuracy, mean length (tokens, EOS counted), share of rambles, 3 samples."""
+    tokenizer.padding_side = "left"
+    accuracy, length, samples = tasks.evaluate(model, tokenizer, task, MAX_NEW_TOKENS, [tokenizer.eos_token_id])
+    rambles = sum("+0+0" in c or "-0-0" in c for _, c, _ in samples) / len(samples)
+    return (f"held-out greedy accuracy {accuracy:.3f}, mean length {length:.1f}, rambles {rambles:.2f};"
+            f" e.g. {samples[:3]}")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)  # one summation order, whatever the machine's core count
     torch.manual_seed(SEED)
@@ -117,9 +126,5 @@ if __name__ == "__main__":
     # the generic class under its name of transformers 4 too (5 reads it as its TokenizersBackend)
     config_file = OUT / "tokenizer_config.json"
     config_file.write_text(config_file.read_text().replace('"TokenizersBackend"', '"PreTrainedTokenizerFast"'))
-    tokenizer.padding_side = "left"
-    eos = [tokenizer.eos_token_id]
-    accuracy, samples = tasks.evaluate(model, tokenizer, task, MAX_NEW_TOKENS, eos)
-    rambles = sum("+0+0" in c or "-0-0" in c for _, c, _ in samples) / len(samples)
-    print(f"held-out greedy accuracy {accuracy:.3f}, rambles {rambles:.2f}; e.g. {samples[:3]}")
+    print(report(model, tokenizer, task))
     print(f"saved {OUT}")

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import tasks  # noqa: E402
 from common import UserError  # noqa: E402
@@ -207,15 +208,12 @@ def test_jsonl_missing_file_and_unknown_task(tmp_path):
             load_task(name)
 
 
-def test_evaluate_counts_accuracy_and_length_over_every_held_out_row(tiny, monkeypatch):
-    # 3 held-out rows, generated 2 at a time by a stand-in for greedy decoding that answers from a table.
-    # Lengths count the EOS: "1239" 4 + 1 = 5, "count 1233-1=1232" 17 + 1 = 18, "1997" 4 + 1 = 5.
-    # Right: 1239 for 1234+5 and 1997 for 2000-3; 1232 for 1234-5 is wrong. Accuracy 2/3, mean length 28/3.
-    model, tokenizer, eos_ids = tiny
-    rows = [{"prompt": p, "answer": x} for p, x in [("1234+5=", 1239), ("1234-5=", 1229), ("2000-3=", 1997)]]
-    answers = {"1234+5=": "1239", "1234-5=": "count 1233-1=1232", "2000-3=": "1997"}
-    batches = []
+HELD_OUT = [{"prompt": p, "answer": x} for p, x in [("1234+5=", 1239), ("1234-5=", 1229), ("2000-3=", 1997)]]
 
+
+def greedy_from_table(answers: dict, batches: list):
+    """A stand-in for common.generate's greedy decoding: each prompt's completion from `answers`, EOS appended;
+    notes the number of prompts of each call in `batches`."""
     def generate(model, tokenizer, prompts, group_size, max_new_tokens, temperature, eos_ids, greedy=False):
         batches.append(len(prompts))
         ids = [tokenizer(answers[p], add_special_tokens=False).input_ids + eos_ids[:1] for p in prompts]
@@ -223,13 +221,39 @@ def test_evaluate_counts_accuracy_and_length_over_every_held_out_row(tiny, monke
         mask, lengths, truncated = common.completion_mask(completion_ids, eos_ids)
         no_prompt = torch.zeros(len(ids), 0, dtype=torch.long)
         return common.Rollout(no_prompt, no_prompt, completion_ids, mask, lengths, truncated, mask)
+    return generate
 
-    monkeypatch.setattr(common, "generate", generate)
-    task = tasks.Task("arithmetic", rows, rows, arithmetic_reward, False)
+
+def test_evaluate_counts_accuracy_and_length_over_every_held_out_row(tiny, monkeypatch):
+    # 3 held-out rows, generated 2 at a time by a stand-in for greedy decoding that answers from a table.
+    # Lengths count the EOS: "1239" 4 + 1 = 5, "count 1233-1=1232" 17 + 1 = 18, "1997" 4 + 1 = 5.
+    # Right: 1239 for 1234+5 and 1997 for 2000-3; 1232 for 1234-5 is wrong. Accuracy 2/3, mean length 28/3.
+    model, tokenizer, eos_ids = tiny
+    batches = []
+    answers = {"1234+5=": "1239", "1234-5=": "count 1233-1=1232", "2000-3=": "1997"}
+    monkeypatch.setattr(common, "generate", greedy_from_table(answers, batches))
+    task = tasks.Task("arithmetic", HELD_OUT, HELD_OUT, arithmetic_reward, False)
     accuracy, length, samples = tasks.evaluate(model, tokenizer, task, 40, eos_ids, batch_size=2)
     assert batches == [2, 1]
     assert accuracy == pytest.approx(2 / 3) and length == pytest.approx(28 / 3)
     assert [reward for _, _, reward in samples] == [1.0, -1.0, 1.0]
+
+
+def test_the_tiny_model_builders_report(tiny, monkeypatch):
+    # assets/make_tiny_model.py ends by reporting on its warm start through tasks.evaluate. The stand-in answers
+    # 1239 (right), 1229-0-0-0 (a ramble, never the bare number: wrong) and 1997 (right): accuracy 2/3 = 0.667;
+    # lengths with EOS 5, 10 + 1 = 11 and 5, mean 21/3 = 7.0; rambles 1/3 = 0.33.
+    import importlib.util
+
+    model, tokenizer, _ = tiny
+    monkeypatch.delenv("MKL_CBWR", raising=False)  # the builder sets it on import; undone after the test
+    spec = importlib.util.spec_from_file_location("make_tiny_model", ROOT / "assets" / "make_tiny_model.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    answers = {"1234+5=": "1239", "1234-5=": "1229-0-0-0", "2000-3=": "1997"}
+    monkeypatch.setattr(common, "generate", greedy_from_table(answers, []))
+    report = builder.report(model, tokenizer, tasks.Task("arithmetic", HELD_OUT, HELD_OUT, arithmetic_reward, False))
+    assert report.startswith("held-out greedy accuracy 0.667, mean length 7.0, rambles 0.33; e.g. [")
 
 
 def test_arithmetic_task():
