@@ -213,11 +213,18 @@ def test_filtered_completions_get_no_forward_pass(monkeypatch, k, rows):
         (["--num-minibatches", "256"], "--num-minibatches"),  # divides the 256 sampled, not the 16 x 8 = 128 retained
         (["--micro-batch-size", "256"], "--micro-batch-size"),  # the minibatch is the 128 retained rows
         # 128 divides the 16 x 8 retained, but --adaptive-k can retain 16 x ceil(8 / 2) = 64: empty minibatches
-        (["--adaptive-k", "--num-minibatches", "128"], "--num-minibatches 128: more than the fewest rows"),
+        (["--adaptive-k", "--num-minibatches", "128"], "--num-minibatches 128: --adaptive-k may retain"),
     ],
 )
 def test_bad_gfpo_input(args, names, tmp_path):
     check_bad_input("gfpo.py", args, names, tmp_path)
+
+
+def test_adaptive_k_allows_as_many_minibatches_as_its_fewest_rows():
+    # 16 prompts x max(2, ceil(8 / 2)) = 64 rows at the least: 64 minibatches of one row each are allowed, 65 not
+    gfpo.validate_args(gfpo.resolve_args(gfpo.Args(adaptive_k=True, num_minibatches=64)))
+    with pytest.raises(common.UserError, match="--num-minibatches 65"):
+        gfpo.validate_args(gfpo.resolve_args(gfpo.Args(adaptive_k=True, num_minibatches=65)))
 
 
 def test_unknown_metric_is_a_user_error(tmp_path):
