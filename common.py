@@ -76,7 +76,11 @@ def seed_everything(seed: int):
 
 def get_device(name: str = "auto") -> torch.device:
     """`auto`: the GPU when there is one (under torchrun, the LOCAL_RANK-th), else the CPU."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device (auto, cpu, cuda or cuda:N)") from None
+    check(device.type != "cuda" or torch.cuda.is_available(), f"--device {name}: torch sees no CUDA device here")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -106,6 +110,7 @@ def is_tiny(name: str) -> bool:
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
+    check(not name.startswith(("/", ".")) or Path(name).is_dir(), f"--model {name}: no such folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
     except (OSError, ValueError) as e:

@@ -52,7 +52,8 @@ def write(path, text):
 
 # flags every script shares; each script's own flags are checked in its own test file
 BAD_INPUT = [
-    (["--model", "/no/such/model"], "--model"),
+    (["--model", "/no/such/model"], "--model /no/such/model: no such folder"),
+    (["--device", "gpu"], "--device gpu: not a device"),
     (["--task", "poetry"], "--task"),
     (["--task", "jsonl:/no/such/file.jsonl"], "file not found"),
     (["--task", "jsonl:{bad_rows}"], "line 2"),
@@ -88,6 +89,12 @@ def test_bad_input_raises_a_user_error(script, args, names, tmp_path):
 @pytest.mark.parametrize("args,names", [(["--group-size", "1"], "--group-size"), (["--clip-eps", "-0.1"], "--clip-eps")])
 def test_bad_grpo_input(args, names, tmp_path):
     check_bad_input("grpo.py", args, names, tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
+def test_cuda_without_a_gpu_is_a_user_error():
+    with pytest.raises(common.UserError, match="--device cuda: torch sees no CUDA device here"):
+        common.get_device("cuda")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
