@@ -8,7 +8,6 @@ The choices where papers and implementations differ are in docs/ppo.md.
 """
 
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
@@ -40,7 +39,7 @@ class Args:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """compute dtype (`auto`: bf16 on CUDA, fp32 on the CPU); weights and optimizer states stay fp32"""
     attn_implementation: str = "sdpa"
-    """attention kernel for from_pretrained: sdpa, eager, flash_attention_2 or flex_attention"""
+    """attention kernel for from_pretrained: sdpa, eager, flash_attention_2, flash_attention_3 or flex_attention"""
     num_steps: Optional[int] = None
     """rollout batches to train on (default: from the preset)"""
     num_prompts: Optional[int] = None
@@ -342,7 +341,7 @@ def main(args: Args):
     minibatch_size = batch_size // args.num_minibatches
     micro_batch_size = args.micro_batch_size or minibatch_size
     for step in tqdm(range(start_step + 1, args.num_steps + 1), initial=start_step, total=args.num_steps,
-                     desc=args.exp_name, file=sys.stdout):
+                     desc=args.exp_name):
         # 1. Rollout: samples_per_prompt completions per prompt, contiguous
         t0 = time.time()
         rows = prompts.next(args.num_prompts)[rank * num_prompts : (rank + 1) * num_prompts]
