@@ -37,10 +37,14 @@ def extract_answer_tag(text: str) -> Optional[str]:
     return found[-1].strip() if found else None
 
 
+NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?", re.ASCII)  # commas only between thousands
+
+
 def parse_number(text: str) -> Optional[Fraction]:
-    """An exact number from text like '1,234', '-5', '3.50', '$12', '-$5'; None if it is not one number."""
-    text = re.sub(r"^(-?)\$", r"\1", text.strip().replace(",", "")).rstrip(".").strip()
-    return Fraction(text) if len(text) <= 40 and re.fullmatch(r"-?\d+(?:\.\d+)?", text) else None
+    """An exact number from text like '1,234', '-5', '3.50', '$12', '-$5' (ASCII digits); None if it is not one
+    number ('1,8' is not)."""
+    text = re.sub(r"^(-?)\$", r"\1", text.strip()).rstrip(".").strip()
+    return Fraction(text.replace(",", "")) if len(text) <= 40 and NUMBER.fullmatch(text) else None
 
 
 def numeric_answer(text: str) -> Optional[Fraction]:
@@ -54,8 +58,8 @@ def numeric_answer(text: str) -> Optional[Fraction]:
 def safe_eval_arithmetic(expression: str) -> Optional[tuple[Fraction, list[int]]]:
     """+ - * / over integer literals, exactly and without `eval`: (value, the literals used), or None for anything
     else (names, calls, powers, values beyond 1e9 at any point, division by zero, over-long input)."""
-    if len(expression) > MAX_EXPRESSION_CHARS:
-        return None
+    if len(expression) > MAX_EXPRESSION_CHARS or not re.fullmatch(r"[0-9\s+\-*/().]*", expression):
+        return None  # also no 0x10, 0b10, 1_0: every number written in decimal digits
     literals: list[int] = []
 
     def walk(node) -> Fraction:
@@ -90,8 +94,13 @@ def arithmetic_reward(completion: str, answer: int) -> float:
 def countdown_reward(completion: str, answer: dict) -> float:
     """1 if the equation in the answer tag uses each given number exactly once and equals the target."""
     inside = extract_answer_tag(completion)
-    result = None if inside is None else safe_eval_arithmetic(inside.split("=")[0])  # accepts "a + b = target"
     numbers, target = sorted(answer["numbers"]), answer["target"]
+    if inside is None or inside.count("=") > 1:
+        return 0.0
+    expression, _, stated = inside.partition("=")  # "a + b = target" is fine; a stated result must be the target
+    if stated and parse_number(stated) != target:
+        return 0.0
+    result = safe_eval_arithmetic(expression)
     return float(result is not None and result[0] == target and sorted(result[1]) == numbers)
 
 
@@ -198,9 +207,17 @@ def make_countdown(rng: random.Random) -> dict:
 def countdown_task(num_train: int = 20000, num_eval: int = 200) -> Task:
     rng = random.Random(0)
     eval_rows = [make_countdown(rng) for _ in range(num_eval)]
-    held_out = {row["prompt"] for row in eval_rows}
-    train = [row for row in (make_countdown(rng) for _ in range(num_train)) if row["prompt"] not in held_out]
+    seen, train = {countdown_puzzle(row) for row in eval_rows}, []
+    for row in (make_countdown(rng) for _ in range(num_train)):  # each puzzle once, none held out, in any order
+        if countdown_puzzle(row) not in seen:
+            seen.add(countdown_puzzle(row))
+            train.append(row)
     return Task("countdown", train, eval_rows, countdown_reward, True)
+
+
+def countdown_puzzle(row: dict) -> tuple:
+    """What makes two countdown rows the same puzzle: the numbers in any order, and the target."""
+    return tuple(sorted(row["answer"]["numbers"])), row["answer"]["target"]
 
 
 GSM8K_PROMPT = "{question}\nSolve it step by step, then give the final number in <answer> </answer> tags."
@@ -213,7 +230,9 @@ def gsm8k_task(path: Optional[str] = None, num_eval: int = 500) -> Task:
         return {"prompt": GSM8K_PROMPT.format(question=r["question"]), "answer": gsm8k_reference(r["answer"])}
 
     if path is not None:
-        train, held_out = split_rows([row(r) for r in read_jsonl(path, "gsm8k", ("question", "answer"))])
+        rows = read_jsonl(path, "gsm8k", ("question", "answer"), valid=lambda r: isinstance(r["answer"], str) and
+                          parse_number(gsm8k_reference(r["answer"])) is not None, wanted="a number after '####'")
+        train, held_out = split_rows([row(r) for r in rows], f"gsm8k:{path}")
         return Task(f"gsm8k:{path}", train, held_out, numeric_reward, True)
     try:
         from datasets import load_dataset
@@ -230,36 +249,43 @@ def gsm8k_reference(solution: str) -> str:
     return solution.split("####")[-1].strip().replace(",", "")
 
 
-def read_jsonl(path: str, task: str, keys: tuple[str, ...]) -> list[dict]:
-    """The rows of a jsonl file, each a dict holding `keys` (blank lines skipped); bad input is a UserError."""
+def read_jsonl(path: str, task: str, keys: tuple[str, ...], valid=lambda row: True, wanted: str = "") -> list[dict]:
+    """The rows of a jsonl file, each a dict holding `keys` (blank lines skipped) for which `valid` holds (else the
+    error says the line's 'answer' needs `wanted`); bad input is a UserError."""
     check(Path(path).is_file(), f"--task {task}:{path}: file not found")
     rows = []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
-            try:
-                row = json.loads(raw.decode("utf-8")) if raw.strip() else None
-            except ValueError:  # bad UTF-8, bad JSON, or an integer too long to convert
+            try:  # utf-8-sig: a byte-order mark at the start of the file is not part of the JSON
+                row = json.loads(raw.decode("utf-8-sig")) if raw.strip() else None
+            except (ValueError, RecursionError):  # bad UTF-8, bad JSON, too deep, or an integer too long to convert
                 raise UserError(f"--task {task}:{path}: line {number} is not valid JSON in UTF-8")
             if row is not None:
                 check(isinstance(row, dict) and all(k in row for k in keys),
                       f"--task {task}:{path}: line {number} needs both {' and '.join(repr(k) for k in keys)}")
+                check(valid(row), f"--task {task}:{path}: line {number}'s 'answer' needs {wanted}")
                 rows.append(row)
     check(len(rows) >= 2, f"--task {task}:{path}: needs at least 2 rows (one is held out), found {len(rows)}")
     return rows
 
 
-def split_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(train, held out): a fixed 10% of the rows (at least one) is held out."""
+def split_rows(rows: list[dict], name: str) -> tuple[list[dict], list[dict]]:
+    """(train, held out): a fixed 10% of the rows (at least one) is held out, and no training row repeats the prompt
+    of a held-out one."""
     rows = rows[:]
     random.Random(0).shuffle(rows)
     num_eval = max(1, len(rows) // 10)
-    return rows[num_eval:], rows[:num_eval]
+    held_out = {row["prompt"] for row in rows[:num_eval]}
+    train = [row for row in rows[num_eval:] if row["prompt"] not in held_out]
+    check(len(train) > 0, f"--task {name}: every row has the prompt of a held-out row; nothing is left to train on")
+    return train, rows[:num_eval]
 
 
 def jsonl_task(path: str) -> Task:
     """Your own rows {"prompt": ..., "answer": ...}; a fixed 10% (at least one row) is held out."""
     rows = read_jsonl(path, "jsonl", ("prompt", "answer"))
-    train, held_out = split_rows([{"prompt": str(r["prompt"]), "answer": str(r["answer"])} for r in rows])
+    rows = [{"prompt": str(r["prompt"]), "answer": str(r["answer"])} for r in rows]
+    train, held_out = split_rows(rows, f"jsonl:{path}")
     return Task(f"jsonl:{path}", train, held_out, exact_reward, True)
 
 

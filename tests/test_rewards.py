@@ -111,6 +111,10 @@ PUZZLE = {"numbers": [3, 5, 7], "target": 22}
     (f"<answer>{HOSTILE}</answer>", PUZZLE, 0.0),
     ("<answer>5**3 - 7</answer>", {"numbers": [3, 5, 7], "target": 118}, 0.0),  # 125 - 7, power refused
     ("<answer>" + "1+" * 200 + "1</answer>", PUZZLE, 0.0),
+    ("<answer>3 * 5 + 7 = 99</answer>", PUZZLE, 0.0),              # 22, but the stated result is 99
+    ("<answer>3 * 5 + 7 = 22 = 22</answer>", PUZZLE, 0.0),         # one "=" at most
+    ("<answer>0x3 * 5 + 7</answer>", PUZZLE, 0.0),                 # 0x3 is 3, but numbers are written in decimal
+    ("<answer>1_5 + 7</answer>", {"numbers": [15, 7], "target": 22}, 0.0),  # 1_5 is 15 to Python, not here
 ])
 def test_countdown_reward(completion, answer, expected):
     assert countdown_reward(completion, answer) == expected
@@ -131,6 +135,9 @@ def test_countdown_reward(completion, answer, expected):
     ("<answer>17</answer>", "18", 0.0), ("<answer>-18</answer>", "18", 0.0), ("<answer></answer>", "18", 0.0),
     (f"<answer>{HOSTILE}</answer>", "18", 0.0),
     ("<answer>" + "9" * 5000 + "</answer>", "18", 0.0),
+    ("<answer>1,8</answer>", "18", 0.0),                    # a comma only between thousands
+    ("<answer>12,345,678</answer>", "12345678", 1.0),
+    ("<answer>\uff11\uff18</answer>", "18", 0.0),           # fullwidth 18: ASCII digits only, as arithmetic_reward
 ])
 def test_numeric_reward(completion, reference, expected):
     assert numeric_reward(completion, reference) == expected
@@ -192,11 +199,37 @@ def test_jsonl_errors(tmp_path, lines, message):
         load_task(write_jsonl(tmp_path / "d.jsonl", lines))
 
 
-@pytest.mark.parametrize("content", [b'{"prompt": "q", "answer": 1}\n\xff\xfe\n', b'1' * 5000 + b"\n"])
+@pytest.mark.parametrize("content", [b'{"prompt": "q", "answer": 1}\n\xff\xfe\n', b'1' * 5000 + b"\n",
+                                     b"[" * 100000 + b"\n"])  # too deep for the JSON parser
 def test_jsonl_undecodable_is_user_error(tmp_path, content):
     (tmp_path / "d.jsonl").write_bytes(content)
     with pytest.raises(UserError, match="line"):
         load_task(f"jsonl:{tmp_path / 'd.jsonl'}")
+
+
+def test_jsonl_with_a_byte_order_mark(tmp_path):
+    rows = [json.dumps({"prompt": f"q{i}", "answer": i}) for i in range(2)]
+    (tmp_path / "d.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8-sig")  # the BOM starts line 1
+    task = load_task(f"jsonl:{tmp_path / 'd.jsonl'}")
+    assert sorted(r["prompt"] for r in task.train + task.eval) == ["q0", "q1"]
+
+
+def test_jsonl_repeated_prompts_are_never_both_trained_on_and_held_out(tmp_path):
+    # 5 prompts, each on 2 rows: max(1, 10 // 10) = 1 row held out; its twin leaves training: 10 - 1 - 1 = 8 rows
+    name = write_jsonl(tmp_path / "d.jsonl", [json.dumps({"prompt": f"q{i % 5}", "answer": i % 5}) for i in range(10)])
+    task = load_task(name)
+    assert (len(task.train), len(task.eval)) == (8, 1)
+    assert not {r["prompt"] for r in task.train} & {r["prompt"] for r in task.eval}
+    with pytest.raises(UserError, match="nothing is left to train on"):  # one prompt on every row
+        load_task(write_jsonl(tmp_path / "e.jsonl", [json.dumps({"prompt": "q", "answer": i}) for i in range(10)]))
+
+
+@pytest.mark.parametrize("answer", [18, None, "The answer is 18", "#### five", "#### 5 apples"])
+def test_gsm8k_file_whose_answer_has_no_number_is_a_user_error(tmp_path, answer):
+    good = json.dumps({"question": "q0", "answer": "2 + 2 = 4\n#### 4"})
+    (tmp_path / "g.jsonl").write_text(good + "\n" + json.dumps({"question": "q1", "answer": answer}) + "\n")
+    with pytest.raises(UserError, match=re.escape("line 2's 'answer' needs a number after '####'")):
+        load_task(f"gsm8k:{tmp_path / 'g.jsonl'}")
 
 
 def test_jsonl_missing_file_and_unknown_task(tmp_path):
@@ -296,11 +329,17 @@ def test_countdown_task():
         assert countdown_reward(f"<answer>{solution}</answer>", row["answer"]) == 1.0
 
 
-def test_countdown_train_skips_eval_prompts(monkeypatch):  # force collisions: only 10 distinct puzzles
-    monkeypatch.setattr(tasks, "make_countdown", lambda rng: {"prompt": str(rng.randint(1, 10)), "answer": 0})
+def test_countdown_train_holds_each_puzzle_once_and_none_held_out(monkeypatch):
+    # force collisions: 10 puzzles ([n, 1] -> n + 1), each written with its numbers in either order
+    def make(rng):
+        numbers = [rng.randint(1, 10), 1][:: rng.choice([1, -1])]
+        return {"prompt": str(numbers), "answer": {"numbers": numbers, "target": sum(numbers)}}
+
+    monkeypatch.setattr(tasks, "make_countdown", make)
     task = countdown_task(num_train=100, num_eval=5)
-    held = {r["prompt"] for r in task.eval}
-    assert task.train and not held & {r["prompt"] for r in task.train}
+    train = [tasks.countdown_puzzle(r) for r in task.train]
+    assert train and len(set(train)) == len(train)
+    assert not set(train) & {tasks.countdown_puzzle(r) for r in task.eval}
 
 
 def test_prompt_stream():
