@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch.utils.checkpoint import checkpoint
 
 ROOT = Path(__file__).resolve().parent
@@ -348,10 +349,13 @@ def find_checkpoint(resume: str) -> Path:
     return found[-1]
 
 
-def load_training_state(resume: str, script: str, models: dict, optimizers: dict, prompts, save_dir=None):
+def load_training_state(resume: str, script: str, models: dict, optimizers: dict, prompts, save_dir=None,
+                        num_steps: Optional[int] = None):
     """Restore what save_training_state wrote into the live objects, the RNG states last, so that the next step draws
     what it would have drawn in an unbroken run; drop the metrics.jsonl rows logged after the checkpoint (they will
-    be logged again). The number of processes must be the one that saved. Returns (step, extra)."""
+    be logged again). The number of processes and the task must be the ones that saved, the checkpoint before
+    `num_steps` and the newest in the folder the run goes on saving to; each is checked before anything is changed.
+    Returns (step, extra)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     path = find_checkpoint(resume)
@@ -363,6 +367,14 @@ def load_training_state(resume: str, script: str, models: dict, optimizers: dict
     check(saved_by == script, f"--resume {path}: a checkpoint of {saved_by}, not of {script}")
     check(state["world_size"] == world_size(),
           f"--resume {path}: saved by {state['world_size']} process(es), resumed with {world_size()}: use as many")
+    step, folder = state["step"], Path(save_dir or path.parent)
+    check(num_steps is None or step < num_steps, f"--num-steps {num_steps}: the checkpoint is already at step {step}")
+    later = [p.name for p in checkpoints(folder) if int(p.name[5:]) > step]  # another run's future: keep it
+    check(not later, f"--resume {path}: {folder} holds later checkpoints ({', '.join(later)}): resume from the newest"
+          " or give another --save-dir")
+    rows = state["prompts"].get("num_rows", len(prompts.rows))
+    check(rows == len(prompts.rows), f"--resume {path}: trained on a task of {rows} training rows, this --task has"
+          f" {len(prompts.rows)}: resume with the same --task")
     try:
         for name, model in models.items():
             # from_pretrained, then copy: it resolves tied weights and sharded files like any hub model
@@ -374,20 +386,28 @@ def load_training_state(resume: str, script: str, models: dict, optimizers: dict
             else:
                 model.load_state_dict(weights.state_dict())
                 optimizers[name].load_state_dict(state["optimizers"][name])
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise UserError(f"--resume {path}: does not fit this model and these flags ({_first_line(e)})")
     prompts.load_state_dict(state["prompts"])
-    metrics = Path(save_dir or path.parent) / METRICS_FILE
+    metrics = folder / METRICS_FILE
     if rank() == 0 and metrics.is_file():
-        rows = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
-        metrics.write_text("".join(row + "\n" for row in rows))
+        lines, kept = metrics.read_text().splitlines(), []
+        for number, line in enumerate(lines, 1):
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):  # the last line may be cut short by the kill; no other
+                check(number == len(lines), f"--resume {path}: {metrics} line {number} is no metrics row")
+        tmp = metrics.with_name(METRICS_FILE + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(metrics)  # a kill now leaves either file whole
     rng = state["rng"][rank()]
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    print(f"resumed from {path} at step {state['step']}")
-    return state["step"], state["extra"]
+    print(f"resumed from {path} at step {step}")
+    return step, state["extra"]
 
 
 def log_metrics(save_dir: Optional[str], step: int, metrics: dict, track: bool = False):

@@ -283,11 +283,10 @@ def main(args: Args):
     start_step, skipped_steps, skipped_in_a_row = 0, 0, 0
     history = torch.empty(0, device=device)  # GFPO Algorithm 2: the difficulties seen so far
     if args.resume:
-        start_step, extra = common.load_training_state(args.resume, SCRIPT, models, optimizers, prompts, args.save_dir)
+        start_step, extra = common.load_training_state(args.resume, SCRIPT, models, optimizers, prompts, args.save_dir,
+                                                       args.num_steps)
         skipped_steps, skipped_in_a_row = extra["skipped_steps"], extra["skipped_in_a_row"]
         history = extra["history"].to(device)
-        common.check(start_step < args.num_steps,
-                     f"--num-steps {args.num_steps}: the checkpoint is already at step {start_step}")
     start_time = time.time()
     start_eval = run_eval(start_step)
     if not args.resume:

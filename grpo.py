@@ -233,10 +233,9 @@ def main(args: Args):
     # resume: weights, optimizer states, the prompt stream's position and the RNG states (common.py)
     start_step, skipped_steps, skipped_in_a_row = 0, 0, 0
     if args.resume:
-        start_step, extra = common.load_training_state(args.resume, SCRIPT, models, optimizers, prompts, args.save_dir)
+        start_step, extra = common.load_training_state(args.resume, SCRIPT, models, optimizers, prompts, args.save_dir,
+                                                       args.num_steps)
         skipped_steps, skipped_in_a_row = extra["skipped_steps"], extra["skipped_in_a_row"]
-        common.check(start_step < args.num_steps,
-                     f"--num-steps {args.num_steps}: the checkpoint is already at step {start_step}")
     start_time = time.time()
     start_eval = run_eval(start_step)
     if not args.resume:

@@ -137,7 +137,8 @@ class PromptStream:
         self.rows, self.rng, self.order, self.position = rows, random.Random(seed), [], 0
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate(), "order": list(self.order), "position": self.position}
+        return {"rng": self.rng.getstate(), "order": list(self.order), "position": self.position,
+                "num_rows": len(self.rows)}
 
     def load_state_dict(self, state: dict):
         self.rng.setstate(state["rng"])

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import re
 import signal
 import subprocess
 import time
@@ -196,6 +197,28 @@ def test_resume_at_the_last_step_is_a_user_error(tmp_path, grpo_checkpoint):
     # check_bad_input runs 1 step, and the checkpoint is at step 1
     flags = ["--resume", str(grpo_checkpoint), "--save-dir", str(tmp_path)]
     check_bad_input("grpo.py", flags, "--num-steps 1", tmp_path)
+
+
+def test_a_refused_resume_changes_nothing_and_a_cut_last_metrics_line_is_dropped(tmp_path):
+    run_dir = tmp_path / "run"
+    train("grpo.py", run_dir, num_steps=4, save_every=2, keep_last=0)  # step_2, step_4; metrics rows 0 to 4
+    log = run_dir / common.METRICS_FILE
+    logged = log.read_bytes()
+    refused = [
+        ({"resume": str(run_dir / "step_4"), "num_steps": 4}, "--num-steps 4: the checkpoint is already at step 4"),
+        ({"resume": str(run_dir / "step_2"), "num_steps": 6}, "holds later checkpoints (step_4)"),  # another future
+        ({"resume": str(run_dir), "num_steps": 6, "task": "countdown"}, "a task of 40000 training rows"),
+    ]
+    for fields, message in refused:
+        with pytest.raises(common.UserError, match=re.escape(message)):
+            train("grpo.py", run_dir, **fields)
+        assert log.read_bytes() == logged and [p.name for p in common.checkpoints(run_dir)] == ["step_2", "step_4"]
+
+    log.write_bytes(logged + b'{"step": 5, "reward/me')  # a kill while step 5's row was written
+    assert sorted(train("grpo.py", run_dir, resume=str(run_dir), num_steps=5)) == [0, 1, 2, 3, 4, 5]
+    log.write_bytes(b'{"step": 0}\nnot json\n' + logged)  # a bad line that is not the last
+    with pytest.raises(common.UserError, match="metrics.jsonl line 2 is no metrics row"):
+        train("grpo.py", run_dir, resume=str(run_dir), num_steps=6)
 
 
 def test_a_bad_resume_path_is_one_line_and_exit_2(tmp_path):
