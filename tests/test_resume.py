@@ -179,6 +179,16 @@ def corrupt_checkpoint(tmp_path, grpo_checkpoint):
     return str(broken)
 
 
+def truncated_weights(tmp_path, grpo_checkpoint):
+    import shutil
+
+    broken = tmp_path / "step_1"
+    shutil.copytree(grpo_checkpoint, broken)
+    weights_file = broken / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:1000])  # a copy cut short
+    return str(broken)
+
+
 @pytest.mark.parametrize(
     "resume,script,names",
     [
@@ -191,6 +201,11 @@ def corrupt_checkpoint(tmp_path, grpo_checkpoint):
 )
 def test_bad_checkpoints_are_user_errors(resume, script, names, tmp_path, grpo_checkpoint):
     check_bad_input(script, ["--resume", resume(tmp_path, grpo_checkpoint)], names, tmp_path)
+
+
+def test_truncated_weights_are_a_user_error(tmp_path, grpo_checkpoint):
+    with pytest.raises(common.UserError, match="does not fit this model and these flags"):
+        train("grpo.py", tmp_path, resume=truncated_weights(tmp_path, grpo_checkpoint), num_steps=2)
 
 
 def test_resume_at_the_last_step_is_a_user_error(tmp_path, grpo_checkpoint):
