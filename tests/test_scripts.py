@@ -64,6 +64,7 @@ BAD_INPUT = [
     (["--micro-batch-size", "100"], "--micro-batch-size"),  # 100 divides none of the scripts' minibatches
     (["--keep-last", "-1"], "--keep-last"),
     (["--max-skipped", "0"], "--max-skipped"),
+    (["--save-every", "1"], "--save-every 1: needs --save-dir"),  # else nothing would be saved, without a word
 ]
 
 
