@@ -151,7 +151,7 @@ def compute_rewards(score, old_logp, ref_logp, mask, beta: float) -> torch.Tenso
     return rewards
 
 
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+def compute_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """Generalized Advantage Estimation (Schulman et al., arXiv 1506.02438), backwards over the completion tokens:
     delta_t = r_t + gamma * V_{t+1} - V_t,  A_t = delta_t + gamma * lam * A_{t+1},  with V and A after the
     last valid token = 0. Returns (advantages, returns = advantages + values), both (B, T), 0 where mask is 0."""
@@ -370,7 +370,7 @@ def main(args: Args):
             # per-token rewards (InstructGPT eq. 2: k1 KL on every token, the score on the last), GAE advantages and
             # returns (Schulman et al. 2015), then the advantages whitened over the batch
             token_rewards = compute_rewards(score, old_logp, ref_logp, mask, args.beta)
-            advantages, returns = compute_gae(token_rewards, old_values, mask, args.gamma, args.lam)
+            advantages, returns = compute_advantages(token_rewards, old_values, mask, args.gamma, args.lam)
             advantages = whiten(advantages, mask)
 
         # 4. update_epochs x num_minibatches optimizer steps over micro-batches; a non-finite one is skipped

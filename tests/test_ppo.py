@@ -70,7 +70,7 @@ GAE_VALUES = torch.tensor([[0.5, 0.4, 0.3]])
     ],
 )
 def test_gae_three_tokens(gamma, lam, advantages, returns):
-    adv, ret = ppo.compute_gae(GAE_REWARDS, GAE_VALUES, torch.ones(1, 3), gamma, lam)
+    adv, ret = ppo.compute_advantages(GAE_REWARDS, GAE_VALUES, torch.ones(1, 3), gamma, lam)
     torch.testing.assert_close(adv, torch.tensor([advantages]))
     torch.testing.assert_close(ret, torch.tensor([returns]))
 
@@ -81,7 +81,7 @@ def test_gae_stops_at_the_last_valid_token():
     # delta_0 = 0.5 + 0.6 - 0.2 = 0.9, A_0 = 0.9 + 0.95 * 0.4 = 1.28.  R = A + V = 1.48, 1.0, and 0 where masked
     rewards = torch.tensor([[0.5, 1.0, 9.0]])
     values = torch.tensor([[0.2, 0.6, 7.0]])
-    adv, ret = ppo.compute_gae(rewards, values, torch.tensor([[1.0, 1.0, 0.0]]), 1.0, 0.95)
+    adv, ret = ppo.compute_advantages(rewards, values, torch.tensor([[1.0, 1.0, 0.0]]), 1.0, 0.95)
     torch.testing.assert_close(adv, torch.tensor([[1.28, 0.4, 0.0]]))
     torch.testing.assert_close(ret, torch.tensor([[1.48, 1.0, 0.0]]))
 
