@@ -152,8 +152,8 @@ def compute_rewards(score, old_logp, ref_logp, mask, beta: float) -> torch.Tenso
 
 
 def compute_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
-    """Generalized Advantage Estimation (Schulman et al., arXiv 1506.02438), backwards over the completion tokens:
-    delta_t = r_t + gamma * V_{t+1} - V_t,  A_t = delta_t + gamma * lam * A_{t+1},  with V and A after the
+    """Generalized Advantage Estimation (Schulman et al., arXiv 1506.02438, eq. 16), backwards over the completion
+    tokens: delta_t = r_t + gamma * V_{t+1} - V_t,  A_t = delta_t + gamma * lam * A_{t+1},  with V and A after the
     last valid token = 0. Returns (advantages, returns = advantages + values), both (B, T), 0 where mask is 0."""
     B, T = rewards.shape
     advantages = torch.zeros_like(rewards)
