@@ -10,7 +10,9 @@ import common
 import dapo
 from test_grpo import loss_and_grad as grpo_loss_and_grad
 from test_grpo import loss_grad_metrics
-from test_grpo import assert_micro_batches_add_up, off_policy_logprobs
+from test_grpo import METRICS_ADV, METRICS_LOGP, METRICS_MASK, assert_token_metrics
+from test_grpo import assert_micro_batches_add_up, assert_on_policy_shortcut_equals_the_old_logprob_pass
+from test_grpo import off_policy_logprobs
 from test_grpo import tiny_rollout  # noqa: F401  (fixture: 3 prompts x 4 completions of the tiny model)
 from test_scripts import check_bad_input, run, write
 
@@ -36,6 +38,8 @@ def test_clip_higher_lets_a_ratio_of_1_25_through_where_grpo_clips():
     assert loss == pytest.approx(-0.22)
     torch.testing.assert_close(grad, torch.tensor([[-1.25 / 4], [0.0], [0.0], [0.85 / 4]]))
     assert metrics["policy/clip_frac"].item() == pytest.approx(2 / 4)  # ratio 1.3 (A>0) and 0.75 (A<0)
+    # ratio 1.25 alone: below 1.28, not clipped (with the two bounds swapped, 1.25 > 1.2 would count)
+    assert loss_and_grad(logp[:1], old[:1], adv[:1], mask[:1], num_tokens=1)[2]["policy/clip_frac"].item() == 0.0
     grpo_loss, grpo_grad, grpo_metrics = grpo_loss_and_grad(logp, old, None, adv, mask, clip_eps=0.2)
     assert grpo_loss == pytest.approx(-0.1875)
     torch.testing.assert_close(grpo_grad, torch.tensor([[0.0], [0.0], [0.0], [0.85 / 4]]))
@@ -63,6 +67,13 @@ def test_token_mean_weighs_every_token_equally_on_unequal_lengths():
     grpo_loss, grpo_grad, _ = grpo_loss_and_grad(logp, old, None, adv, UNEQUAL_MASK)
     assert grpo_loss == pytest.approx(-1.05)
     torch.testing.assert_close(grpo_grad, torch.tensor([[-1 / 6, -1.1 / 6, -0.9 / 6], [-1.1 / 2, 0.0, 0.0]]))
+
+
+def test_policy_loss_metrics_count_valid_tokens_on_the_clipped_side():
+    # test_grpo's case: ratio 1.5 with A > 0 is above 1.28 too; token-mean (-1.28 - 1 + 1)/3 = -1.28/3
+    loss, _, metrics = loss_and_grad(METRICS_LOGP, torch.zeros(2, 2), METRICS_ADV, METRICS_MASK, num_tokens=3)
+    assert loss == pytest.approx(-1.28 / 3)
+    assert_token_metrics(metrics)
 
 
 def test_micro_batches_divide_by_the_minibatch_token_count_and_add_up():
@@ -138,6 +149,16 @@ def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout):  #
     # the minibatch's metrics are the sums over its micro-batches: the same loss whatever the split
     torch.testing.assert_close(losses[4], losses[9], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses[1], losses[9], rtol=1e-5, atol=1e-6)
+
+
+def test_on_policy_shortcut_equals_the_old_logprob_pass(tiny_rollout):  # noqa: F811
+    model, rollout = tiny_rollout
+    args, B = dapo.resolve_args(dapo.Args()), rollout.input_ids.shape[0]
+    advantages, minibatch = torch.randn(B), torch.arange(B)
+    assert_on_policy_shortcut_equals_the_old_logprob_pass(
+        model, rollout,
+        lambda old: dapo.accumulate_gradients(model, rollout, old, advantages, minibatch, B, args)["loss/policy"],
+    )
 
 
 @pytest.mark.parametrize(

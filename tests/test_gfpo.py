@@ -8,7 +8,9 @@ import torch
 
 import common
 import gfpo
+from test_grpo import METRICS_ADV, METRICS_LOGP, METRICS_MASK, assert_token_metrics
 from test_grpo import assert_entropy_bonus_adds_its_gradient, assert_micro_batches_add_up, off_policy_logprobs
+from test_grpo import assert_on_policy_shortcut_equals_the_old_logprob_pass, loss_grad_metrics
 from test_grpo import tiny_rollout  # noqa: F401  (a fixture: 3 prompts x 4 completions of the tiny model)
 from test_scripts import check_bad_input, run
 
@@ -69,10 +71,7 @@ def test_advantages_over_the_retained_set(rewards, keep, group_size, eps, expect
 
 
 def loss_and_grad(logp, old_logp, ref_logp, adv, mask, num_tokens, clip_eps=0.2, beta=0.0):
-    logp = logp.clone().requires_grad_(True)
-    loss, metrics = gfpo.compute_policy_loss(logp, old_logp, ref_logp, adv, mask, clip_eps, beta, num_tokens)
-    loss.backward()
-    return loss.item(), logp.grad, metrics
+    return loss_grad_metrics(gfpo.compute_policy_loss, logp, old_logp, ref_logp, adv, mask, clip_eps, beta, num_tokens)
 
 
 # two completions, 2 tokens and 1 token, A = +1 and -0.5, on-policy (ratio 1)
@@ -130,6 +129,16 @@ def test_policy_loss_k3_term_is_token_mean():
     assert metrics["loss/kl"].item() == pytest.approx(0.5 / 3)
 
 
+def test_policy_loss_metrics_count_valid_tokens_on_the_clipped_side():
+    # test_grpo's case as a token-mean: (-1.2 - 1 + 1)/3 = -0.4; the reference is off only on the masked token
+    ref = METRICS_LOGP + torch.tensor([[0.0, 0.0], [0.0, math.log(2)]])
+    loss, _, metrics = loss_and_grad(METRICS_LOGP, torch.zeros(2, 2), ref, METRICS_ADV, METRICS_MASK, num_tokens=3,
+                                     beta=0.1)
+    assert loss == pytest.approx(-0.4)
+    assert_token_metrics(metrics)
+    assert metrics["loss/kl"].item() == pytest.approx(0.0)
+
+
 def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout):  # noqa: F811
     model, rollout = tiny_rollout
     args = gfpo.resolve_args(gfpo.Args(beta=0.04))
@@ -141,6 +150,19 @@ def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout):  #
         model,
         lambda m: gfpo.accumulate_gradients(model, rollout, old_logp, ref_logp, advantages, minibatch, m, args),
         B, [5, 1],
+    )
+
+
+def test_on_policy_shortcut_equals_the_old_logprob_pass(tiny_rollout):  # noqa: F811
+    # gfpo.py's default schedule (one epoch, one minibatch) always takes this shortcut
+    model, rollout = tiny_rollout
+    args, B = gfpo.resolve_args(gfpo.Args(beta=0.04)), rollout.input_ids.shape[0]
+    ref_logp = common.rollout_logprobs(model, rollout, 1.0, micro_batch_size=B) - 0.2
+    advantages, minibatch = torch.randn(B), torch.arange(B)
+    assert_on_policy_shortcut_equals_the_old_logprob_pass(
+        model, rollout,
+        lambda old: gfpo.accumulate_gradients(model, rollout, old, ref_logp, advantages, minibatch, B, args)[0][
+            "loss/policy"],
     )
 
 
@@ -175,6 +197,8 @@ HISTORY_QUARTERS = [0.0, 0.25, 0.5, 0.75, 1.0]  # 5 values: quartile positions 0
         ([0.0, 0.3, 0.5, 0.9], HISTORY_QUARTERS, 4, 5, [4, 4, 3, 2]),
         # k = 2: 2, 2, ceil(1.5) = 2, ceil(1) = 1 -> raised to 2 (a retained set of 1 compares nothing)
         ([0.0, 0.3, 0.5, 0.9], HISTORY_QUARTERS, 2, 5, [2, 2, 2, 2]),
+        # k = 5, where ceil and floor differ: 5, 5, ceil(15/4 = 3.75) = 4, ceil(5/2 = 2.5) = 3
+        ([0.0, 0.3, 0.5, 0.9], HISTORY_QUARTERS, 5, 5, [5, 5, 4, 3]),
         # tied history 0,0,0,1,1: positions 1, 2, 3 -> q25 = q50 = 0, q75 = 1: difficulty 0 is not below q25 or
         # q50 but below q75 -> 6; difficulty 1 -> 4
         ([0.0, 1.0], [0.0, 0.0, 0.0, 1.0, 1.0], 8, 5, [6, 4]),

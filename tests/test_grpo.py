@@ -6,26 +6,38 @@ import pytest
 import torch
 
 import common
+import dapo
 import grpo
+import gspo
 
 
-def test_advantages_one_group():
+# dapo.py and gspo.py carry grpo.py's compute_advantages line for line: the same cases hold for all three
+SAME_ADVANTAGES = pytest.mark.parametrize("script", [grpo, dapo, gspo], ids=["grpo", "dapo", "gspo"])
+
+
+@SAME_ADVANTAGES
+@pytest.mark.parametrize("eps", [1e-4, 1.0])
+def test_advantages_one_group(script, eps):
     # rewards 1,0,0,0: mean 0.25, deviations 0.75,-0.25,-0.25,-0.25
-    # sum of squares 0.5625 + 3*0.0625 = 0.75; unbiased var 0.75/3 = 0.25; std 0.5; + eps 1e-4 -> 0.5001
-    adv = grpo.compute_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), group_size=4, eps=1e-4)
-    torch.testing.assert_close(adv, torch.tensor([0.75 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001, -0.25 / 0.5001]))
+    # sum of squares 0.5625 + 3*0.0625 = 0.75; unbiased var 0.75/3 = 0.25; std 0.5; + eps -> 0.5001 or 1.5
+    # (eps 1 tells where eps goes: sqrt(0.25 + 1) = 1.118 would give 0.75/1.118 = 0.671, not 0.75/1.5 = 0.5)
+    adv = script.compute_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), group_size=4, eps=eps)
+    d = 0.5 + eps
+    torch.testing.assert_close(adv, torch.tensor([0.75 / d, -0.25 / d, -0.25 / d, -0.25 / d]))
 
 
-def test_advantages_all_equal_group_is_zero():
+@SAME_ADVANTAGES
+def test_advantages_all_equal_group_is_zero(script):
     # std 0: (1 - 1) / (0 + 1e-4) = 0 for every completion, whatever the shared value
-    adv = grpo.compute_advantages(torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]), group_size=3, eps=1e-4)
+    adv = script.compute_advantages(torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]), group_size=3, eps=1e-4)
     assert torch.equal(adv, torch.zeros(6))
 
 
-def test_advantages_two_groups_different_spread():
+@SAME_ADVANTAGES
+def test_advantages_two_groups_different_spread(script):
     # group [0,1,2]: mean 1, deviations -1,0,1, var (1+0+1)/2 = 1, std 1 -> -1, 0, 1
     # group [0,0,3]: mean 1, deviations -1,-1,2, var (1+1+4)/2 = 3, std sqrt(3) -> -1/sqrt3, -1/sqrt3, 2/sqrt3
-    adv = grpo.compute_advantages(torch.tensor([0.0, 1.0, 2.0, 0.0, 0.0, 3.0]), group_size=3, eps=0.0)
+    adv = script.compute_advantages(torch.tensor([0.0, 1.0, 2.0, 0.0, 0.0, 3.0]), group_size=3, eps=0.0)
     s3 = math.sqrt(3)
     torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0, -1 / s3, -1 / s3, 2 / s3]))
 
@@ -96,6 +108,34 @@ def test_policy_loss_seq_mean_token_mean_on_unequal_lengths():
     assert grad[1, 1:].abs().sum().item() == 0.0
 
 
+# Two rows, row 1's second token masked; ratios 1.5, 1 | 1, (1.5 masked); A = +1 | -1. Only token (0, 0) is on
+# the clipped side (1.5 > 1.2 with A > 0); the masked 1.5 with A < 0 would be on the unclipped side anyway.
+METRICS_LOGP = torch.log(torch.tensor([[1.5, 1.0], [1.0, 1.5]]))
+METRICS_MASK = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+METRICS_ADV = torch.tensor([1.0, -1.0])
+
+
+def assert_token_metrics(metrics):
+    """The metrics of the case above, shared by the token-level scripts (grpo, dapo, gfpo, ppo)."""
+    # clip_frac: 1 clipped of 3 valid tokens (over all 4 slots: 1/4; with the advantage signs swapped: 0)
+    assert metrics["policy/clip_frac"].item() == pytest.approx(1 / 3)
+    # approx_kl: k3 with x = old - logp = -ln 1.5 at token (0, 0), 0 elsewhere:
+    #   1/1.5 + ln 1.5 - 1 = 0.666667 + 0.405465 - 1 = 0.072132; over 3 tokens 0.024044
+    #   (x = logp - old would give 1.5 - 0.405465 - 1 = 0.094535, over 3 tokens 0.031512)
+    assert metrics["policy/approx_kl"].item() == pytest.approx(0.024044, abs=1e-6)
+
+
+def test_policy_loss_metrics_count_valid_tokens_on_the_clipped_side():
+    # per-token loss: row 0 -min(1.5, 1.2) = -1.2 and -1 (mean -1.1); row 1 -min(-1, -1) = 1; (-1.1 + 1)/2 = -0.05
+    # the reference equals logp on the valid tokens (k3 = 0) and is off by ln 2 on the masked one: loss/kl 0
+    # (a mean over all 4 slots would give (2 - ln 2 - 1)/4 = 0.0767)
+    ref = METRICS_LOGP + torch.tensor([[0.0, 0.0], [0.0, math.log(2)]])
+    loss, _, metrics = loss_and_grad(METRICS_LOGP, torch.zeros(2, 2), ref, METRICS_ADV, METRICS_MASK, beta=0.1)
+    assert loss == pytest.approx(-0.05)
+    assert_token_metrics(metrics)
+    assert metrics["loss/kl"].item() == pytest.approx(0.0)
+
+
 @pytest.fixture(scope="module")
 def tiny_rollout(tiny):
     model, tokenizer, eos = tiny
@@ -163,21 +203,32 @@ def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout):
     )
 
 
-def test_on_policy_shortcut_equals_the_old_logprob_pass(tiny_rollout):
-    # one epoch, one minibatch: main skips the no-grad old log-prob pass and accumulate_gradients uses the
-    # update's own log-probs, detached. Same loss and gradient as with the pass (ratio 1 either way).
-    model, rollout = tiny_rollout
-    args = grpo.resolve_args(grpo.Args(beta=0.04))
-    B = rollout.input_ids.shape[0]
-    old_logp = common.rollout_logprobs(model, rollout, 1.0, micro_batch_size=5)  # 12 rows: 5, 5 and 2
-    ref_logp, advantages, minibatch = old_logp - 0.2, torch.randn(B), torch.arange(B)
+def assert_on_policy_shortcut_equals_the_old_logprob_pass(model, rollout, accumulate):
+    """`accumulate(old_logp)` runs a script's accumulate_gradients with all rows of `rollout` as one minibatch and
+    returns its `loss/policy`. With one epoch and one minibatch main skips the no-grad old log-prob pass (old_logp None)
+    and the update uses its own log-probs, detached: same loss and gradient as with the pass (ratio 1 either way).
+    Without the detach the ratio would carry no gradient, and the advantages none to the policy."""
 
     def run(old):
         model.zero_grad()
-        metrics = grpo.accumulate_gradients(model, rollout, old, ref_logp, advantages, minibatch, B, args)
-        return metrics[0]["loss/policy"], torch.cat([p.grad.flatten() for p in model.parameters()])
+        loss = accumulate(old)
+        return loss, torch.cat([p.grad.flatten() for p in model.parameters()])
 
+    old_logp = common.rollout_logprobs(model, rollout, 1.0, micro_batch_size=5)  # 12 rows: 5, 5 and 2
     (loss_pass, grad_pass), (loss_shortcut, grad_shortcut) = run(old_logp), run(None)
     torch.testing.assert_close(loss_shortcut, loss_pass)
     torch.testing.assert_close(grad_shortcut, grad_pass, rtol=1e-5, atol=1e-7)
     assert grad_pass.abs().sum() > 0
+
+
+def test_on_policy_shortcut_equals_the_old_logprob_pass(tiny_rollout):
+    model, rollout = tiny_rollout
+    args = grpo.resolve_args(grpo.Args(beta=0.04))
+    B = rollout.input_ids.shape[0]
+    ref_logp = common.rollout_logprobs(model, rollout, 1.0, micro_batch_size=B) - 0.2
+    advantages, minibatch = torch.randn(B), torch.arange(B)
+    assert_on_policy_shortcut_equals_the_old_logprob_pass(
+        model, rollout,
+        lambda old: grpo.accumulate_gradients(model, rollout, old, ref_logp, advantages, minibatch, B, args)[0][
+            "loss/policy"],
+    )

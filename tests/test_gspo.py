@@ -7,7 +7,8 @@ import torch
 
 import gspo
 from test_grpo import loss_and_grad as grpo_loss_and_grad
-from test_grpo import assert_micro_batches_add_up, off_policy_logprobs
+from test_grpo import assert_micro_batches_add_up, assert_on_policy_shortcut_equals_the_old_logprob_pass
+from test_grpo import off_policy_logprobs
 from test_grpo import tiny_rollout  # noqa: F401  (fixture: 3 prompts x 4 completions of the tiny model)
 from test_scripts import check_bad_input
 
@@ -73,6 +74,9 @@ DOWN = [-0.01, 0.002, -0.004]  # mean -0.004
         (UP, -1.0, 1.004008, 0.334669, 0.0),
         # s below with A > 0: min(0.996008, 0.9997) = 0.996008 unclipped -> loss -0.996008, grad -0.996008/3
         (DOWN, 1.0, -0.996008, -0.332003, 0.0),
+        # s = e^0.00035 = 1.000350 with A > 0: above 1 + 3e-4 but below 1 + 4e-4, so unclipped (the upper bound is
+        # eps_high's) -> loss -1.000350, grad -1.000350/3 = -0.333450
+        ([3.5e-4] * 3, 1.0, -1.000350, -0.333450, 0.0),
     ],
 )
 def test_sequence_clipping_is_all_or_nothing(log_ratios, adv, expected_loss, expected_grad, clipped):
@@ -116,12 +120,14 @@ def test_clip_frac_counts_sequences_and_token_deviations_can_cancel():
 
 
 def test_approx_kl_stays_token_level_k3():
-    # one sequence, log-ratios ln2 and -ln2 (s = 1): k3 per token with x = old - logp:
-    #   x = -ln2: e^-ln2 + ln2 - 1 = 0.5 + 0.693147 - 1 = 0.193147; x = ln2: 2 - 0.693147 - 1 = 0.306853
-    # token mean (0.193147 + 0.306853)/2 = 0.25; the sequence-level log-ratio is 0 and would give 0
+    # one sequence, log-ratios ln4, -ln2, -ln2 (sum 0, s = 1): k3 per token with x = old - logp:
+    #   x = -ln4: 1/4 + ln4 - 1 = 0.25 + 1.386294 - 1 = 0.636294; x = ln2: 2 - ln2 - 1 = 0.306853 (twice)
+    # token mean (0.25 + ln4 - 1 + 2 - 2 ln2)/3 = 1.25/3 = 0.416667; the sequence-level log-ratio is 0 and would
+    # give 0; x = logp - old would give (4 - ln4 - 1 + 2 (0.5 + ln2 - 1))/3 = 2/3
     ln2 = math.log(2)
-    _, _, metrics = loss_and_grad(torch.tensor([[ln2, -ln2]]), torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2))
-    assert metrics["policy/approx_kl"].item() == pytest.approx(0.25)
+    logp, mask = torch.tensor([[2 * ln2, -ln2, -ln2]]), torch.ones(1, 3)
+    _, _, metrics = loss_and_grad(logp, torch.zeros(1, 3), torch.tensor([1.0]), mask)
+    assert metrics["policy/approx_kl"].item() == pytest.approx(1.25 / 3)
 
 
 # (logp, old_logp, advantages, mask, eps) with a single advantage per sequence
@@ -161,6 +167,16 @@ def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout):  #
     advantages, minibatch = torch.randn(B), torch.randperm(B)
     assert_micro_batches_add_up(
         model, lambda m: gspo.accumulate_gradients(model, rollout, old_logp, advantages, minibatch, m, args), B, [3, 1]
+    )
+
+
+def test_on_policy_shortcut_equals_the_old_logprob_pass(tiny_rollout):  # noqa: F811
+    model, rollout = tiny_rollout
+    args, B = gspo.resolve_args(gspo.Args(num_minibatches=1)), rollout.input_ids.shape[0]
+    advantages, minibatch = torch.randn(B), torch.arange(B)
+    assert_on_policy_shortcut_equals_the_old_logprob_pass(
+        model, rollout,
+        lambda old: gspo.accumulate_gradients(model, rollout, old, advantages, minibatch, B, args)[0]["loss/policy"],
     )
 
 

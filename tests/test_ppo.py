@@ -10,6 +10,7 @@ import common
 import gfpo
 import ppo
 import test_grpo
+from test_grpo import METRICS_ADV, METRICS_LOGP, METRICS_MASK, assert_token_metrics
 from test_grpo import assert_entropy_bonus_adds_its_gradient, assert_micro_batches_add_up, off_policy_logprobs
 from test_grpo import tiny_rollout  # noqa: F401  (a pytest fixture: 3 prompts x 4 completions of the tiny model)
 
@@ -95,6 +96,13 @@ def test_whiten_over_the_valid_tokens_only():
     torch.testing.assert_close(ppo.whiten(x, mask), torch.tensor([[-1.5 / s, -0.5 / s, 0.5 / s], [1.5 / s, 0.0, 0.0]]))
 
 
+def test_whiten_adds_its_epsilon_to_the_variance():
+    # values 0 and 1e-4: mean 5e-5, deviations -/+5e-5, unbiased variance 2 * 2.5e-9 / 1 = 5e-9, comparable to 1e-8:
+    # 5e-5 / sqrt(5e-9 + 1e-8) = 5e-5 / 1.224745e-4 = 0.408248   (5e-5 / (sqrt(5e-9) + 1e-8) would give 0.707007)
+    whitened = ppo.whiten(torch.tensor([[0.0, 1e-4]]), torch.ones(1, 2))
+    torch.testing.assert_close(whitened, torch.tensor([[-0.408248, 0.408248]]), rtol=1e-4, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------------------------
@@ -131,6 +139,15 @@ def test_policy_loss_clipping_cases_shared_with_grpo(monkeypatch):
     # seq-mean-token-mean, so the same hand-computed values must hold with PPO's loss in place of GRPO's
     monkeypatch.setattr(test_grpo.grpo, "compute_policy_loss", ppo_loss_in_grpo_signature)
     test_grpo.test_policy_loss_clipping_above_and_below()
+
+
+def test_policy_loss_metrics_count_valid_tokens_on_the_clipped_side():
+    # test_grpo's case with each row's advantage on all its tokens, as a token-mean: (-1.2 - 1 + 1)/3 = -0.4
+    advantages = METRICS_ADV[:, None].expand(2, 2)
+    loss, metrics = ppo.compute_policy_loss(METRICS_LOGP, torch.zeros(2, 2), advantages, METRICS_MASK, 0.2,
+                                            torch.tensor(3.0))
+    assert loss.item() == pytest.approx(-0.4)
+    assert_token_metrics(metrics)
 
 
 @pytest.mark.parametrize("num_tokens", [None, 6.0])  # None: this batch's own 3 tokens

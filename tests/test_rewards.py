@@ -147,6 +147,7 @@ def test_numeric_reward(completion, reference, expected):
     ("<answer>$1,234.50</answer>", Fraction(2469, 2)),  # 1234.5 = 2469/2
     ("<answer>-5</answer>", Fraction(-5)), ("<answer>none</answer>", None), ("no tag 5", None),
     ("<answer>-$5</answer>", Fraction(-5)), ("<answer>1/2</answer>", None), ("<answer>x is .5</answer>", None),
+    ("<answer>3 boxes of 6 make 18</answer>", Fraction(18)),  # the last number word, not the first
 ])
 def test_numeric_answer(completion, expected):
     assert numeric_answer(completion) == expected
