@@ -153,12 +153,12 @@ def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout):  #
 
 def test_on_policy_shortcut_equals_the_old_logprob_pass(tiny_rollout):  # noqa: F811
     model, rollout = tiny_rollout
-    args, B = dapo.resolve_args(dapo.Args()), rollout.input_ids.shape[0]
-    advantages, minibatch = torch.randn(B), torch.arange(B)
-    assert_on_policy_shortcut_equals_the_old_logprob_pass(
-        model, rollout,
-        lambda old: dapo.accumulate_gradients(model, rollout, old, advantages, minibatch, B, args)["loss/policy"],
-    )
+    args = dapo.resolve_args(dapo.Args())
+
+    def accumulate(old, ref, adv, rows):
+        return dapo.accumulate_gradients(model, rollout, old, adv, rows, len(rows), args)["loss/policy"]
+
+    assert_on_policy_shortcut_equals_the_old_logprob_pass(model, rollout, accumulate)
 
 
 @pytest.mark.parametrize(

@@ -156,14 +156,12 @@ def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout):  #
 def test_on_policy_shortcut_equals_the_old_logprob_pass(tiny_rollout):  # noqa: F811
     # gfpo.py's default schedule (one epoch, one minibatch) always takes this shortcut
     model, rollout = tiny_rollout
-    args, B = gfpo.resolve_args(gfpo.Args(beta=0.04)), rollout.input_ids.shape[0]
-    ref_logp = common.rollout_logprobs(model, rollout, 1.0, micro_batch_size=B) - 0.2
-    advantages, minibatch = torch.randn(B), torch.arange(B)
-    assert_on_policy_shortcut_equals_the_old_logprob_pass(
-        model, rollout,
-        lambda old: gfpo.accumulate_gradients(model, rollout, old, ref_logp, advantages, minibatch, B, args)[0][
-            "loss/policy"],
-    )
+    args = gfpo.resolve_args(gfpo.Args(beta=0.04))
+
+    def accumulate(old, ref, adv, rows):
+        return gfpo.accumulate_gradients(model, rollout, old, ref, adv, rows, len(rows), args)[0]["loss/policy"]
+
+    assert_on_policy_shortcut_equals_the_old_logprob_pass(model, rollout, accumulate)
 
 
 def test_entropy_bonus_adds_its_gradient_to_the_policy(tiny_rollout):  # noqa: F811

@@ -204,17 +204,19 @@ def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout):
 
 
 def assert_on_policy_shortcut_equals_the_old_logprob_pass(model, rollout, accumulate):
-    """`accumulate(old_logp)` runs a script's accumulate_gradients with all rows of `rollout` as one minibatch and
-    returns its `loss/policy`. With one epoch and one minibatch main skips the no-grad old log-prob pass (old_logp None)
-    and the update uses its own log-probs, detached: same loss and gradient as with the pass (ratio 1 either way).
-    Without the detach the ratio would carry no gradient, and the advantages none to the policy."""
+    """`accumulate(old_logp, ref_logp, advantages, minibatch)` runs a script's accumulate_gradients with all rows of
+    `rollout` as one minibatch and returns its `loss/policy`. With one epoch and one minibatch main skips the no-grad
+    old log-prob pass (old_logp None) and the update uses its own log-probs, detached: same loss and gradient as
+    with the pass (ratio 1 either way). Without the detach the ratio, and so the advantages, give no gradient."""
+    B = rollout.input_ids.shape[0]
+    old_logp = common.rollout_logprobs(model, rollout, 1.0, micro_batch_size=5)  # 12 rows: 5, 5 and 2
+    ref_logp, advantages, minibatch = old_logp - 0.2, torch.randn(B), torch.arange(B)
 
     def run(old):
         model.zero_grad()
-        loss = accumulate(old)
+        loss = accumulate(old, ref_logp, advantages, minibatch)
         return loss, torch.cat([p.grad.flatten() for p in model.parameters()])
 
-    old_logp = common.rollout_logprobs(model, rollout, 1.0, micro_batch_size=5)  # 12 rows: 5, 5 and 2
     (loss_pass, grad_pass), (loss_shortcut, grad_shortcut) = run(old_logp), run(None)
     torch.testing.assert_close(loss_shortcut, loss_pass)
     torch.testing.assert_close(grad_shortcut, grad_pass, rtol=1e-5, atol=1e-7)
@@ -224,11 +226,8 @@ def assert_on_policy_shortcut_equals_the_old_logprob_pass(model, rollout, accumu
 def test_on_policy_shortcut_equals_the_old_logprob_pass(tiny_rollout):
     model, rollout = tiny_rollout
     args = grpo.resolve_args(grpo.Args(beta=0.04))
-    B = rollout.input_ids.shape[0]
-    ref_logp = common.rollout_logprobs(model, rollout, 1.0, micro_batch_size=B) - 0.2
-    advantages, minibatch = torch.randn(B), torch.arange(B)
-    assert_on_policy_shortcut_equals_the_old_logprob_pass(
-        model, rollout,
-        lambda old: grpo.accumulate_gradients(model, rollout, old, ref_logp, advantages, minibatch, B, args)[0][
-            "loss/policy"],
-    )
+
+    def accumulate(old, ref, adv, rows):
+        return grpo.accumulate_gradients(model, rollout, old, ref, adv, rows, len(rows), args)[0]["loss/policy"]
+
+    assert_on_policy_shortcut_equals_the_old_logprob_pass(model, rollout, accumulate)

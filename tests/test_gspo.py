@@ -172,12 +172,12 @@ def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout):  #
 
 def test_on_policy_shortcut_equals_the_old_logprob_pass(tiny_rollout):  # noqa: F811
     model, rollout = tiny_rollout
-    args, B = gspo.resolve_args(gspo.Args(num_minibatches=1)), rollout.input_ids.shape[0]
-    advantages, minibatch = torch.randn(B), torch.arange(B)
-    assert_on_policy_shortcut_equals_the_old_logprob_pass(
-        model, rollout,
-        lambda old: gspo.accumulate_gradients(model, rollout, old, advantages, minibatch, B, args)[0]["loss/policy"],
-    )
+    args = gspo.resolve_args(gspo.Args(num_minibatches=1))
+
+    def accumulate(old, ref, adv, rows):
+        return gspo.accumulate_gradients(model, rollout, old, adv, rows, len(rows), args)[0]["loss/policy"]
+
+    assert_on_policy_shortcut_equals_the_old_logprob_pass(model, rollout, accumulate)
 
 
 @pytest.mark.parametrize(
