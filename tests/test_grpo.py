@@ -219,8 +219,9 @@ def assert_on_policy_shortcut_equals_the_old_logprob_pass(model, rollout, accumu
 
     (loss_pass, grad_pass), (loss_shortcut, grad_shortcut) = run(old_logp), run(None)
     torch.testing.assert_close(loss_shortcut, loss_pass)
-    torch.testing.assert_close(grad_shortcut, grad_pass, rtol=1e-5, atol=1e-7)
-    assert grad_pass.abs().sum() > 0
+    # the pass's old log-probs come from other batch shapes, equal up to float32 rounding: compare whole vectors
+    assert grad_pass.norm() > 0
+    assert (grad_shortcut - grad_pass).norm() <= 1e-5 * grad_pass.norm()
 
 
 def test_on_policy_shortcut_equals_the_old_logprob_pass(tiny_rollout):
