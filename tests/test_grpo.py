@@ -232,3 +232,14 @@ def test_on_policy_shortcut_equals_the_old_logprob_pass(tiny_rollout):
         return grpo.accumulate_gradients(model, rollout, old, ref, adv, rows, len(rows), args)[0]["loss/policy"]
 
     assert_on_policy_shortcut_equals_the_old_logprob_pass(model, rollout, accumulate)
+
+
+def test_accumulate_gradients_weighs_the_kl_by_beta(tiny_rollout):
+    # advantages 0 and ref = the policy's log-probs - 0.2 on every token: each token's loss is beta * k3 with
+    # x = ref - logp = -0.2: e^-0.2 + 0.2 - 1 = 0.818731 + 0.2 - 1 = 0.018731; any mean of it is 0.018731,
+    # so loss/policy = 0.04 * 0.018731 = 7.4923e-4
+    model, rollout = tiny_rollout
+    args, B = grpo.resolve_args(grpo.Args(beta=0.04)), rollout.input_ids.shape[0]
+    ref_logp = common.rollout_logprobs(model, rollout, 1.0, micro_batch_size=B) - 0.2
+    metrics = grpo.accumulate_gradients(model, rollout, None, ref_logp, torch.zeros(B), torch.arange(B), B, args)
+    assert metrics[0]["loss/policy"].item() == pytest.approx(0.04 * (math.exp(-0.2) + 0.2 - 1), rel=1e-4)

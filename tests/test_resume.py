@@ -131,6 +131,91 @@ def test_non_finite_steps_in_a_row_stop_the_run(script, tmp_path, monkeypatch):
     assert [p.name for p in common.checkpoints(tmp_path)] == ["step_1", "step_2"]  # step 3 stopped before saving
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_update_starts_from_zero_gradients_and_is_clipped_before_its_step(script, tmp_path, monkeypatch):
+    # two minibatches per pass and --max-grad-norm 1e-3, far below the gradients' norms: every accumulate_gradients
+    # call must find no gradient left from the previous update, and every AdamW step (ppo.py's critic's too) must
+    # see gradients already clipped: a total norm of at most 1e-3, and about 1e-3 where the clip acted
+    mod, bound, norms = module(script), 1e-3, []
+    accumulate, step = mod.accumulate_gradients, torch.optim.AdamW.step
+
+    def accumulate_from_zero(*args, **kwargs):
+        for model in [a for a in args if isinstance(a, torch.nn.Module)]:
+            assert all(p.grad is None for p in model.parameters())
+        return accumulate(*args, **kwargs)
+
+    def recorded_step(self, *args, **kwargs):
+        grads = [p.grad.flatten() for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.cat(grads).norm().item())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(mod, "accumulate_gradients", accumulate_from_zero)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recorded_step)
+    train(script, tmp_path, num_steps=2, num_minibatches=2, max_grad_norm=bound)
+    assert norms and max(norms) <= bound * (1 + 1e-4)
+    assert max(norms) >= bound * 0.99
+
+
+def test_ppo_trains_its_critic_at_the_critics_learning_rate(tmp_path):
+    # the critic's score head starts at zero (common.load_critic) and has moved after one step; each optimizer
+    # state holds its own model's learning rate (ppo.py's tiny preset: policy 5e-4, critic 1e-3)
+    train("ppo.py", tmp_path, num_steps=1, save_every=1)
+    assert load_file(tmp_path / "step_1" / "critic" / "model.safetensors")["score.weight"].abs().max() > 0
+    state = torch.load(tmp_path / "step_1" / common.TRAINING_STATE, weights_only=True)
+    assert state["optimizers"]["critic"]["param_groups"][0]["lr"] == 1e-3
+    assert state["optimizers"]["policy"]["param_groups"][0]["lr"] == 5e-4
+
+
+def test_old_logprobs_come_from_the_policy_and_reference_ones_from_the_frozen_copy(tmp_path, monkeypatch):
+    # grpo.py with two epochs (so the old log-prob pass runs) and beta > 0 (so the reference pass runs): each step
+    # takes its old log-probs from the model it trains, then its reference log-probs from another model, which
+    # still holds the initial weights at the end
+    import grpo
+
+    passes, trained = [], []
+    rollout_logprobs, accumulate = common.rollout_logprobs, grpo.accumulate_gradients
+    monkeypatch.setattr(common, "rollout_logprobs", lambda m, *a, **k: passes.append(m) or rollout_logprobs(m, *a, **k))
+    monkeypatch.setattr(grpo, "accumulate_gradients", lambda m, *a, **k: trained.append(m) or accumulate(m, *a, **k))
+    train("grpo.py", tmp_path, num_steps=2, update_epochs=2, beta=0.04)
+    policy = trained[0]
+    assert all(m is policy for m in trained)
+    assert [m is policy for m in passes] == [True, False, True, False]  # per step: old, then reference
+    reference = passes[1].state_dict()
+    initial = load_file(common.TINY_MODEL / "model.safetensors")
+    assert all(torch.equal(reference[name], tensor) for name, tensor in initial.items())
+
+
+def test_evaluation_runs_at_step_0_and_every_eval_every_steps(tmp_path):
+    logged = train("grpo.py", tmp_path, num_steps=4, eval_every=2)
+    assert [step for step in sorted(logged) if "eval/accuracy" in logged[step]] == [0, 2, 4]
+
+
+def test_dapo_trains_on_task_reward_plus_overlong_penalty_and_masks_truncated_rows(tmp_path, monkeypatch):
+    # --max-new-tokens 8 with --overlong-buffer 8: the penalty starts at 0 tokens, so a completion of L tokens
+    # (1..8) gets (0 - L)/8 = -L/8 added to its +-1: every reward the advantages see is +-1 - L/8, never +-1 itself.
+    # With --mask-truncated the completions that hit the limit leave the loss: a mask of zeros, the others whole
+    import dapo
+
+    seen, advantages, accumulate = [], dapo.compute_advantages, dapo.accumulate_gradients
+
+    def recorded_advantages(rewards, *args):
+        seen.append(rewards)
+        return advantages(rewards, *args)
+
+    def masked_rows(model, rollout, *args):
+        mask, truncated = rollout.completion_mask, rollout.truncated
+        assert torch.equal(mask.sum(1) == 0, truncated) and not truncated.all()
+        assert torch.equal(mask.sum(1)[~truncated], rollout.lengths[~truncated].to(mask.dtype))
+        return accumulate(model, rollout, *args)
+
+    monkeypatch.setattr(dapo, "compute_advantages", recorded_advantages)
+    monkeypatch.setattr(dapo, "accumulate_gradients", masked_rows)
+    train("dapo.py", tmp_path, num_steps=2, overlong_buffer=8, mask_truncated=True)
+    allowed = torch.tensor([sign - length / 8 for sign in (1, -1) for length in range(1, 9)])
+    rewards = torch.cat(seen)
+    assert len(rewards) and (rewards[:, None] - allowed).abs().min(dim=1).values.max() < 1e-6
+
+
 def test_non_finite_weights_are_never_saved(tiny, tmp_path):
     model, tokenizer, _ = tiny
     broken = common.load_model("tiny", torch.device("cpu"))

@@ -258,19 +258,32 @@ def greedy_from_table(answers: dict, batches: list):
     return generate
 
 
-def test_evaluate_counts_accuracy_and_length_over_every_held_out_row(tiny, monkeypatch):
+@pytest.mark.parametrize("wrong", [-1.0, 0.0])  # arithmetic's reward, and the 0/1 of the other tasks
+def test_evaluate_counts_accuracy_and_length_over_every_held_out_row(tiny, monkeypatch, wrong):
     # 3 held-out rows, generated 2 at a time by a stand-in for greedy decoding that answers from a table.
     # Lengths count the EOS: "1239" 4 + 1 = 5, "count 1233-1=1232" 17 + 1 = 18, "1997" 4 + 1 = 5.
-    # Right: 1239 for 1234+5 and 1997 for 2000-3; 1232 for 1234-5 is wrong. Accuracy 2/3, mean length 28/3.
+    # Right: 1239 for 1234+5 and 1997 for 2000-3; 1232 for 1234-5 is wrong. Accuracy 2/3, mean length 28/3,
+    # whether a wrong answer scores -1 or 0 (only a reward of 1 counts as right)
     model, tokenizer, eos_ids = tiny
     batches = []
     answers = {"1234+5=": "1239", "1234-5=": "count 1233-1=1232", "2000-3=": "1997"}
     monkeypatch.setattr(common, "generate", greedy_from_table(answers, batches))
-    task = tasks.Task("arithmetic", HELD_OUT, HELD_OUT, arithmetic_reward, False)
+    reward = arithmetic_reward if wrong == -1.0 else (lambda text, answer: max(arithmetic_reward(text, answer), 0.0))
+    task = tasks.Task("arithmetic", HELD_OUT, HELD_OUT, reward, False)
     accuracy, length, samples = tasks.evaluate(model, tokenizer, task, 40, eos_ids, batch_size=2)
     assert batches == [2, 1]
     assert accuracy == pytest.approx(2 / 3) and length == pytest.approx(28 / 3)
-    assert [reward for _, _, reward in samples] == [1.0, -1.0, 1.0]
+    assert [reward for _, _, reward in samples] == [1.0, wrong, 1.0]
+
+
+def test_prompt_stream_resumes_its_shuffles():
+    # 5 rows read 3 at a time: the second read crosses into a new pass, whose order the stream's RNG draws.
+    # A stream built with another seed and given the first one's state must read what the first one reads next.
+    first = tasks.PromptStream([{"i": i} for i in range(5)], seed=0)
+    first.next(3)
+    resumed = tasks.PromptStream(first.rows, seed=99)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.next(7) == first.next(7)
 
 
 def test_the_tiny_model_builders_report(tiny, monkeypatch):

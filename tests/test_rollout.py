@@ -73,6 +73,17 @@ def test_chunked_logprobs_equal_full_log_softmax(tiny):
         assert (got - want).norm() <= 1e-4 * want.norm()
     with torch.no_grad():  # the no-grad path (old and reference log-probs) gives the same values
         torch.testing.assert_close(common.completion_logprobs(model, rollout, 0.7, chunk_size=7)[0], logp.detach())
+    # and so does rollout_logprobs, at the sampling temperature, 4 rows per forward (zero past each completion)
+    mask = rollout.completion_mask
+    torch.testing.assert_close(common.rollout_logprobs(model, rollout, 0.7, 4) * mask, logp.detach() * mask)
+
+
+def test_an_lm_head_bias_is_divided_by_the_temperature_too():
+    # hidden 1, weight 0, bias [0, 2 ln 3], temperature 2: logits / T = [0, ln 3], softmax [1/4, 3/4];
+    # log-prob of token 1 = ln 0.75 = -0.287682 (an undivided bias would give [0, 2 ln 3]: ln(9/10) = -0.105361)
+    logp, _ = common._token_logprobs(torch.ones(1, 1), torch.tensor([1]), torch.zeros(2, 1),
+                                     torch.tensor([0.0, 2 * math.log(3)]), 2.0, False)
+    assert logp.item() == pytest.approx(math.log(0.75))
 
 
 def test_no_tensor_holds_every_tokens_logits(tiny):
