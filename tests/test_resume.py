@@ -216,6 +216,48 @@ def test_dapo_trains_on_task_reward_plus_overlong_penalty_and_masks_truncated_ro
     assert len(rewards) and (rewards[:, None] - allowed).abs().min(dim=1).values.max() < 1e-6
 
 
+def test_skipped_steps_apart_do_not_stop_the_run_and_their_count_survives_a_resume(tmp_path, monkeypatch):
+    # steps 1 and 3 poisoned, --max-skipped 2: never 2 in a row, so the run ends, having skipped 1, 1, 2, 2 updates
+    # in all after steps 1-4; then a run resumed from step 1's checkpoint (its one skipped update) goes on counting
+    poison_rewards(monkeypatch, calls={0, 2})
+    logged = train("grpo.py", tmp_path / "apart", num_steps=4, max_skipped=2, save_every=1, keep_last=0)
+    assert [logged[s]["optim/skipped_steps"] for s in (1, 2, 3, 4)] == [1, 1, 2, 2]
+    monkeypatch.undo()
+    resumed = train("grpo.py", tmp_path / "resumed", num_steps=2, resume=str(tmp_path / "apart" / "step_1"))
+    assert resumed[2]["optim/skipped_steps"] == 1
+
+
+def test_dapo_trains_on_the_whole_groups_that_survive_its_filter(tmp_path, monkeypatch):
+    # every generation round's task rewards are recorded; the rewards the advantages see must be, in order, the
+    # groups of G rows whose rewards are not all equal, over the step's rounds, at most --num-prompts (4) of them
+    # (--overlong-buffer 0: no penalty below --max-new-tokens, so the rewards are the task's)
+    import dapo
+
+    rounds, checked = [], []
+    score, advantages, log_metrics = tasks.score, dapo.compute_advantages, common.log_metrics
+
+    def recorded_score(*args):
+        rounds.append(score(*args))
+        return rounds[-1]
+
+    def checked_advantages(rewards, group_size, eps):
+        groups = torch.cat(rounds).view(-1, group_size)
+        survivors = groups[(groups != groups[:, :1]).any(dim=1)][:4]
+        assert torch.equal(rewards, survivors.flatten())
+        checked.append(len(survivors))
+        return advantages(rewards, group_size, eps)
+
+    def end_of_step(*args, **kwargs):
+        rounds.clear()
+        return log_metrics(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "score", recorded_score)
+    monkeypatch.setattr(dapo, "compute_advantages", checked_advantages)
+    monkeypatch.setattr(common, "log_metrics", end_of_step)
+    train("dapo.py", tmp_path, num_steps=3, overlong_buffer=0)
+    assert checked
+
+
 def test_non_finite_weights_are_never_saved(tiny, tmp_path):
     model, tokenizer, _ = tiny
     broken = common.load_model("tiny", torch.device("cpu"))
