@@ -39,6 +39,29 @@ def test_generate_left_pads_and_groups_contiguously(tiny):
     assert tokenizer.decode(rollout.input_ids[4, :6]) == "13+45="
 
 
+def test_positions_skip_the_left_padding(tiny):
+    # the position ids the backbone sees (RoPE would not notice a shift; an absolute-position model would):
+    # "1+2=" (2 pads on the left) and "13+45=": prefill [0 0 0 1 2 3] and [0 1 2 3 4 5]; the first decoding step
+    # of groups of 2 at 4, 4 | 6, 6; the training forward the prompt's, then 4, 5, .. | 6, 7, .. per completion token
+    model, tokenizer, eos = tiny
+    seen = []
+    hook = model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["position_ids"].tolist()), with_kwargs=True)
+    try:
+        torch.manual_seed(0)
+        rollout = common.generate(model, tokenizer, ["1+2=", "13+45="], 2, 3, 1.0, eos)
+        in_generate = list(seen)
+        seen.clear()
+        with torch.no_grad():
+            common.completion_logprobs(model, rollout, 1.0)
+    finally:
+        hook.remove()
+    assert in_generate[0] == [[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]
+    assert len(in_generate) > 1 and in_generate[1] == [[4], [4], [6], [6]]
+    T = rollout.completion_ids.shape[1]  # the training forward reads all but the last completion token
+    assert seen == [[[0, 0, 0, 1, 2, 3, *range(4, 3 + T)]] * 2 + [[*range(5 + T)]] * 2]
+
+
 def naive_logprobs(model, rollout, temperature):
     """The straightforward computation: the model's full (B, P + T, vocab) logits, log-softmax, gather."""
     position_ids = (rollout.attention_mask.cumsum(1) - 1).clamp(min=0)
