@@ -39,6 +39,19 @@ def test_generate_left_pads_and_groups_contiguously(tiny):
     assert tokenizer.decode(rollout.input_ids[4, :6]) == "13+45="
 
 
+def test_rows_that_end_early_are_padded_and_the_others_run_on(tiny):
+    # greedy, the embedded model answers 3299+5= directly ("3303", 4 + EOS = 5 tokens) and counts for 4588+3=
+    # ("count 4589+2=4590+1=4591", 24 + EOS = 25): the batch runs until the longer one ends, the shorter one is
+    # padded after its EOS, and neither is truncated
+    model, tokenizer, eos = tiny
+    rollout = common.generate(model, tokenizer, ["3299+5=", "4588+3="], 1, 40, 1.0, eos, greedy=True)
+    assert common.decode_completions(tokenizer, rollout) == ["3303", "count 4589+2=4590+1=4591"]
+    assert rollout.lengths.tolist() == [5, 25] and rollout.completion_ids.shape[1] == 25
+    assert rollout.truncated.tolist() == [False, False]
+    assert rollout.completion_ids[0, 5:].eq(tokenizer.pad_token_id).all()
+    assert rollout.completion_mask.sum(dim=1).tolist() == [5, 25]
+
+
 def test_positions_skip_the_left_padding(tiny):
     # the position ids the backbone sees (RoPE would not notice a shift; an absolute-position model would):
     # "1+2=" (2 pads on the left) and "13+45=": prefill [0 0 0 1 2 3] and [0 1 2 3 4 5]; the first decoding step
