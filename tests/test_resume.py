@@ -156,6 +156,14 @@ def test_every_update_starts_from_zero_gradients_and_is_clipped_before_its_step(
     assert max(norms) >= bound * 0.99
 
 
+def test_each_epoch_reshuffles_the_rollout_batch(tmp_path, monkeypatch):
+    # grpo.py, 2 steps x 2 epochs: 4 draws of a minibatch order, each a permutation of the 64 rows (4 prompts x 16)
+    orders, randperm = [], torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: orders.append(randperm(*a, **k)) or orders[-1])
+    train("grpo.py", tmp_path, num_steps=2, update_epochs=2, num_minibatches=2)
+    assert len(orders) == 4 and all(sorted(order.tolist()) == list(range(64)) for order in orders)
+
+
 def test_ppo_trains_its_critic_at_the_critics_learning_rate(tmp_path):
     # the critic's score head starts at zero (common.load_critic) and has moved after one step; each optimizer
     # state holds its own model's learning rate (ppo.py's tiny preset: policy 5e-4, critic 1e-3)
