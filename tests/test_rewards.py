@@ -276,6 +276,22 @@ def test_evaluate_counts_accuracy_and_length_over_every_held_out_row(tiny, monke
     assert [reward for _, _, reward in samples] == [1.0, wrong, 1.0]
 
 
+def test_evaluate_on_the_second_of_two_processes_counts_only_its_own_rows(tiny, monkeypatch):
+    # 3 held-out rows over 2 processes: ceil(3/2) = 2 each, so process 1 takes row 2 ("2000-3=": "1997", right,
+    # 5 tokens) plus row 0 again as padding, which must not count. With the sum over processes stubbed to this
+    # process alone: accuracy 1/3 and length 5/3 over the 3 rows (counting the pad row: 2/3 and 10/3); 1 sample
+    model, tokenizer, eos_ids = tiny
+    answers = {"1234+5=": "1239", "2000-3=": "1997"}
+    monkeypatch.setattr(common, "generate", greedy_from_table(answers, []))
+    monkeypatch.setattr(common, "world_size", lambda: 2)
+    monkeypatch.setattr(common, "rank", lambda: 1)
+    monkeypatch.setattr(common, "all_reduce", lambda tensor, op="sum": tensor)
+    task = tasks.Task("arithmetic", HELD_OUT, HELD_OUT, arithmetic_reward, False)
+    accuracy, length, samples = tasks.evaluate(model, tokenizer, task, 40, eos_ids)
+    assert accuracy == pytest.approx(1 / 3) and length == pytest.approx(5 / 3)
+    assert samples == [("2000-3=", "1997", 1.0)]
+
+
 def test_prompt_stream_resumes_its_shuffles():
     # 5 rows read 3 at a time: the second read crosses into a new pass, whose order the stream's RNG draws.
     # A stream built with another seed and given the first one's state must read what the first one reads next.
