@@ -97,7 +97,8 @@ class Args:
     resume: Optional[str] = None
     """continue from a checkpoint folder, or from the newest checkpoint in a --save-dir (then the default --save-dir)"""
     max_skipped: int = 3
-    """optimizer steps with a non-finite loss or gradient norm are skipped; stop after this many steps in a row"""
+    """an optimizer step with a non-finite loss or gradient norm is skipped; stop after this many steps in a row
+    that each skipped one or more (a step: one rollout batch and its updates)"""
     track: bool = False
     """log to Weights and Biases"""
     wandb_project: str = "rl-post-training"
