@@ -178,12 +178,12 @@ def compute_policy_loss(logp, old_logp, advantages, mask, clip_eps_low: float, c
 
     with torch.no_grad():
         clipped = ((ratio > 1 + clip_eps_high) & (adv > 0)) | ((ratio < 1 - clip_eps_low) & (adv < 0))
-        log_ratio_old = old_logp - logp
+        log_ratio = logp - old_logp
         metrics = {
             "loss/policy": loss.detach(),
             "policy/clip_frac": (clipped.float() * mask).sum() / num_tokens,
-            # k3 between the sampling policy and the current one
-            "policy/approx_kl": ((torch.exp(log_ratio_old) - log_ratio_old - 1) * mask).sum() / num_tokens,
+            # k3 estimate of KL(pi_old || pi), r = pi / pi_old over tokens pi_old sampled
+            "policy/approx_kl": ((torch.exp(log_ratio) - log_ratio - 1) * mask).sum() / num_tokens,
         }
     return loss, metrics
 

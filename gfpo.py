@@ -192,12 +192,12 @@ def compute_policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: fl
     with torch.no_grad():
         tokens = mask.sum().clamp(min=1)
         clipped = ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
-        log_ratio_old = old_logp - logp
+        log_ratio = logp - old_logp
         metrics = {
             "loss/policy": (per_token * mask).sum() / tokens,  # this micro-batch's own token-mean
             "policy/clip_frac": (clipped.float() * mask).sum() / tokens,
-            # k3 between the sampling policy and the current one
-            "policy/approx_kl": ((torch.exp(log_ratio_old) - log_ratio_old - 1) * mask).sum() / tokens,
+            # k3 estimate of KL(pi_old || pi), r = pi / pi_old over tokens pi_old sampled
+            "policy/approx_kl": ((torch.exp(log_ratio) - log_ratio - 1) * mask).sum() / tokens,
         }
         if beta > 0:
             metrics["loss/kl"] = (kl * mask).sum() / tokens

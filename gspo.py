@@ -154,12 +154,12 @@ def compute_policy_loss(logp, old_logp, advantages, mask, clip_eps_low: float, c
         tokens = mask.sum().clamp(min=1)
         # completions clipped, not tokens: GSPO clips whole responses (section 5.2)
         clipped = ((ratio > 1 + clip_eps_high) & (advantages > 0)) | ((ratio < 1 - clip_eps_low) & (advantages < 0))
-        log_ratio_old = old_logp - logp
+        log_ratio = logp - old_logp
         metrics = {
             "loss/policy": loss.detach(),
             "policy/clip_frac": clipped.float().mean(),
-            # k3 between the sampling policy and the current one, per token as in grpo.py
-            "policy/approx_kl": ((torch.exp(log_ratio_old) - log_ratio_old - 1) * mask).sum() / tokens,
+            # k3 estimate of KL(pi_old || pi), r = pi / pi_old over tokens pi_old sampled; per token as in grpo.py
+            "policy/approx_kl": ((torch.exp(log_ratio) - log_ratio - 1) * mask).sum() / tokens,
         }
     return loss, metrics
 

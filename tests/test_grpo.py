@@ -119,10 +119,10 @@ def assert_token_metrics(metrics):
     """The metrics of the case above, shared by the token-level scripts (grpo, dapo, gfpo, ppo)."""
     # clip_frac: 1 clipped of 3 valid tokens (over all 4 slots: 1/4; with the advantage signs swapped: 0)
     assert metrics["policy/clip_frac"].item() == pytest.approx(1 / 3)
-    # approx_kl: k3 with x = old - logp = -ln 1.5 at token (0, 0), 0 elsewhere:
-    #   1/1.5 + ln 1.5 - 1 = 0.666667 + 0.405465 - 1 = 0.072132; over 3 tokens 0.024044
-    #   (x = logp - old would give 1.5 - 0.405465 - 1 = 0.094535, over 3 tokens 0.031512)
-    assert metrics["policy/approx_kl"].item() == pytest.approx(0.024044, abs=1e-6)
+    # approx_kl: k3 = r - 1 - ln r with r = pi / pi_old = 1.5 at token (0, 0), 1 elsewhere:
+    #   1.5 - 1 - ln 1.5 = 0.5 - 0.405465 = 0.094535; over 3 tokens 0.031512
+    #   (r = pi_old / pi would give 1/1.5 - 1 + ln 1.5 = 0.072132, over 3 tokens 0.024044)
+    assert metrics["policy/approx_kl"].item() == pytest.approx(0.031512, abs=1e-6)
 
 
 def test_policy_loss_metrics_count_valid_tokens_on_the_clipped_side():

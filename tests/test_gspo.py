@@ -120,14 +120,14 @@ def test_clip_frac_counts_sequences_and_token_deviations_can_cancel():
 
 
 def test_approx_kl_stays_token_level_k3():
-    # one sequence, log-ratios ln4, -ln2, -ln2 (sum 0, s = 1): k3 per token with x = old - logp:
-    #   x = -ln4: 1/4 + ln4 - 1 = 0.25 + 1.386294 - 1 = 0.636294; x = ln2: 2 - ln2 - 1 = 0.306853 (twice)
-    # token mean (0.25 + ln4 - 1 + 2 - 2 ln2)/3 = 1.25/3 = 0.416667; the sequence-level log-ratio is 0 and would
-    # give 0; x = logp - old would give (4 - ln4 - 1 + 2 (0.5 + ln2 - 1))/3 = 2/3
+    # one sequence, log-ratios ln r = logp - old = ln4, -ln2, -ln2 (sum 0, s = 1): k3 = r - 1 - ln r per token:
+    #   r = 4: 4 - 1 - 1.386294 = 1.613706; r = 1/2: 0.5 - 1 + 0.693147 = 0.193147 (twice)
+    # token mean (3 - 2 ln2 + 2 (ln2 - 0.5))/3 = 2/3 = 0.666667; the sequence-level log-ratio is 0 and would give
+    # 0; r = pi_old / pi would give (0.25 + ln4 - 1 + 2 (2 - ln2 - 1))/3 = 1.25/3
     ln2 = math.log(2)
     logp, mask = torch.tensor([[2 * ln2, -ln2, -ln2]]), torch.ones(1, 3)
     _, _, metrics = loss_and_grad(logp, torch.zeros(1, 3), torch.tensor([1.0]), mask)
-    assert metrics["policy/approx_kl"].item() == pytest.approx(1.25 / 3)
+    assert metrics["policy/approx_kl"].item() == pytest.approx(2 / 3)
 
 
 # (logp, old_logp, advantages, mask, eps) with a single advantage per sequence
