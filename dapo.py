@@ -117,7 +117,7 @@ def resolve_args(args: Args) -> Args:
         if getattr(args, field) is None:
             setattr(args, field, value)
     args.preset = preset
-    if args.overlong_buffer is None:  # DAPO eq. 13: L_cache = L_max // 5, as the paper's 4096 of 20480
+    if args.overlong_buffer is None:  # DAPO eq. 13's L_cache = L_max // 5: section 4.1's 4096 of 20480
         args.overlong_buffer = args.max_new_tokens // 5
     if args.resume and args.save_dir is None:  # keep saving where the resumed run saved
         args.save_dir = str(common.find_checkpoint(args.resume).parent)

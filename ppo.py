@@ -290,7 +290,7 @@ def main(args: Args):
     model = common.load_model(args.model, device, dtype, args.attn_implementation, args.gradient_checkpointing)
     ref_model = (common.load_model(args.model, device, dtype, args.attn_implementation, trainable=False)
                  if args.beta > 0 else None)  # the frozen initial policy
-    # the critic (InstructGPT section 3.5): the initial policy's backbone with a fresh scalar head, own optimizer
+    # the critic: the initial policy's backbone with a fresh scalar head (InstructGPT 3.5: from the RM), own optimizer
     critic = common.load_critic(args.model, device, dtype, args.attn_implementation, args.gradient_checkpointing)
     eos_ids = common.eos_token_ids(model, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
