@@ -14,17 +14,20 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Annotated, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import tyro
 from safetensors import SafetensorError
 from torch.utils.checkpoint import checkpoint
 
 ROOT = Path(__file__).resolve().parent
 TINY_MODEL = ROOT / "assets" / "tiny-llama"
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+# an Args field left None takes the preset's value; --help says so instead of "(default: None)"
+FromPreset = Annotated[Optional[TypeVar("T")], tyro.conf.arg(help_behavior_hint="(default: from the preset)")]
 
 
 class UserError(Exception):

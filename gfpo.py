@@ -30,8 +30,8 @@ class Args:
     """seed of python and torch random number generators"""
     model: str = "tiny"
     """hub id or local folder of a causal LM; `tiny` is the model shipped in assets/"""
-    task: Optional[str] = None
-    """arithmetic, countdown, gsm8k, gsm8k:PATH (a jsonl file in GSM8K's format) or jsonl:PATH (default: preset)"""
+    task: common.FromPreset[str] = None
+    """arithmetic, countdown, gsm8k, gsm8k:PATH (a jsonl file in GSM8K's format) or jsonl:PATH"""
     preset: Literal["auto", "tiny", "paper"] = "auto"
     """where unset defaults come from: `auto` picks `tiny` for the embedded model, `paper` otherwise"""
     device: str = "auto"
@@ -40,8 +40,8 @@ class Args:
     """compute dtype (`auto`: bf16 on CUDA, fp32 on the CPU); weights and optimizer states stay fp32"""
     attn_implementation: str = "sdpa"
     """attention kernel for from_pretrained: sdpa, eager, flash_attention_2, flash_attention_3 or flex_attention"""
-    num_steps: Optional[int] = None
-    """rollout batches to train on (default: from the preset)"""
+    num_steps: common.FromPreset[int] = None
+    """rollout batches to train on"""
     num_prompts: int = 16
     """prompts per rollout batch, over all processes under torchrun"""
     group_size: int = 16
@@ -52,14 +52,14 @@ class Args:
     """what the k retained are best at: `length` (shortest) or `token_efficiency` (highest reward / length)"""
     adaptive_k: bool = False
     """GFPO Algorithm 2: k per prompt from its difficulty's quartile in the history (harder keeps more)"""
-    max_new_tokens: Optional[int] = None
-    """maximum completion length (default: from the preset)"""
+    max_new_tokens: common.FromPreset[int] = None
+    """maximum completion length"""
     temperature: float = 1.0
     """sampling temperature; log-probs are computed at the same temperature"""
-    learning_rate: Optional[float] = None
-    """AdamW learning rate (default: from the preset)"""
-    beta: Optional[float] = None
-    """KL coefficient (default: from the preset); 0 loads no reference model"""
+    learning_rate: common.FromPreset[float] = None
+    """AdamW learning rate"""
+    beta: common.FromPreset[float] = None
+    """KL coefficient; 0 loads no reference model"""
     clip_eps: float = 0.2
     """PPO clipping range, symmetric"""
     ent_coef: float = 0.001
@@ -70,8 +70,8 @@ class Args:
     """passes over each rollout batch"""
     num_minibatches: int = 1
     """optimizer steps per pass (the rollout batch is shuffled and split)"""
-    micro_batch_size: Optional[int] = None
-    """rows per forward/backward on each process (default: from the preset, else the whole minibatch)"""
+    micro_batch_size: common.FromPreset[int] = None
+    """rows per forward/backward on each process; the whole minibatch if the preset sets none"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm"""
     weight_decay: float = 0.0
@@ -80,8 +80,8 @@ class Args:
     """recompute activations in the backward pass to save memory"""
     logprob_chunk_size: int = 256
     """completion tokens whose logits are computed at a time (a memory bound)"""
-    eval_every: Optional[int] = None
-    """evaluate greedy held-out accuracy every N steps (default: from the preset); always at the start and the end"""
+    eval_every: common.FromPreset[int] = None
+    """evaluate greedy held-out accuracy every N steps; always at the start and the end"""
     eval_batch_size: Optional[int] = None
     """held-out prompts per greedy generation on each process (default: all at once)"""
     save_dir: Optional[str] = None
