@@ -91,8 +91,7 @@ class Args:
     resume: Optional[str] = None
     """continue from a checkpoint folder, or from the newest checkpoint in a --save-dir (then the default --save-dir)"""
     max_skipped: int = 3
-    """an optimizer step with a non-finite loss or gradient norm is skipped; stop after this many steps in a row
-    that each skipped one or more (a step: one rollout batch and its updates)"""
+    """skip an optimizer step whose loss or gradient norm is not finite; stop after this many steps in a row with one"""
     track: bool = False
     """log to Weights and Biases"""
     wandb_project: str = "rl-post-training"
@@ -334,9 +333,8 @@ def main(args: Args):
         for epoch in range(args.update_epochs):
             order = torch.randperm(batch_size, device=device)
             for minibatch in order.split(minibatch_size):
-                minibatch_metrics = accumulate_gradients(
-                    model, rollout, old_logp, advantages, minibatch, micro_batch_size, args
-                )
+                minibatch_metrics = accumulate_gradients(model, rollout, old_logp, advantages, minibatch,
+                                                         micro_batch_size, args)
                 step_metrics.append(minibatch_metrics)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 if common.all_finite(grad_norm, minibatch_metrics["loss/policy"]):

@@ -93,8 +93,7 @@ class Args:
     resume: Optional[str] = None
     """continue from a checkpoint folder, or from the newest checkpoint in a --save-dir (then the default --save-dir)"""
     max_skipped: int = 3
-    """an optimizer step with a non-finite loss or gradient norm is skipped; stop after this many steps in a row
-    that each skipped one or more (a step: one rollout batch and its updates)"""
+    """skip an optimizer step whose loss or gradient norm is not finite; stop after this many steps in a row with one"""
     track: bool = False
     """log to Weights and Biases"""
     wandb_project: str = "rl-post-training"
@@ -194,7 +193,7 @@ def compute_policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: fl
         clipped = ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
         log_ratio = logp - old_logp
         metrics = {
-            "loss/policy": (per_token * mask).sum() / tokens,  # this micro-batch's own token-mean
+            "loss/policy": (per_token * mask).sum() / tokens,  # this micro-batch's own token-mean, weighed later
             "policy/clip_frac": (clipped.float() * mask).sum() / tokens,
             # k3 estimate of KL(pi_old || pi), r = pi / pi_old over tokens pi_old sampled
             "policy/approx_kl": ((torch.exp(log_ratio) - log_ratio - 1) * mask).sum() / tokens,
@@ -212,8 +211,8 @@ def compute_entropy_loss(entropy: torch.Tensor, mask: torch.Tensor, num_tokens) 
 def accumulate_gradients(model, rollout, old_logp, ref_logp, advantages, minibatch, micro_batch_size, args):
     """Backward pass over one minibatch (row indices), `micro_batch_size` rows at a time. The accumulated gradient
     is the whole minibatch's: each micro-batch divides by the minibatch's token count (over processes, the mean)."""
-    metrics = []
-    num_tokens = common.all_reduce(rollout.completion_mask[minibatch].sum(), "mean")
+    metrics, tokens = {}, rollout.completion_mask[minibatch].sum()
+    num_tokens = common.all_reduce(tokens, "mean")
     for rows in minibatch.split(micro_batch_size):
         micro = rollout.select(rows)  # cut to its own longest completion
         logp, entropy = common.completion_logprobs(model, micro, args.temperature, with_entropy=args.ent_coef > 0,
@@ -228,7 +227,8 @@ def accumulate_gradients(model, rollout, old_logp, ref_logp, advantages, minibat
         if args.ent_coef > 0:
             loss = loss + args.ent_coef * compute_entropy_loss(entropy, micro.completion_mask, num_tokens)
         loss.backward()
-        metrics.append(micro_metrics)
+        for k, v in micro_metrics.items():  # the minibatch's metrics: its loss; token means over all its tokens
+            metrics[k] = metrics.get(k, 0) + v * micro.completion_mask.sum() / tokens
     return metrics
 
 
@@ -336,12 +336,11 @@ def main(args: Args):
         for epoch in range(args.update_epochs):
             order = torch.randperm(len(advantages), device=device)
             for minibatch in order.tensor_split(args.num_minibatches):  # even split: --adaptive-k varies the rows
-                minibatch_metrics = accumulate_gradients(
-                    model, rollout, old_logp, ref_logp, advantages, minibatch, micro_batch_size, args
-                )
-                step_metrics += minibatch_metrics
+                minibatch_metrics = accumulate_gradients(model, rollout, old_logp, ref_logp, advantages, minibatch,
+                                                         micro_batch_size, args)
+                step_metrics.append(minibatch_metrics)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                if common.all_finite(grad_norm, *[m["loss/policy"] for m in minibatch_metrics]):
+                if common.all_finite(grad_norm, minibatch_metrics["loss/policy"]):
                     optimizer.step()
                 else:
                     step_skipped += 1

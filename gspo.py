@@ -87,8 +87,7 @@ class Args:
     resume: Optional[str] = None
     """continue from a checkpoint folder, or from the newest checkpoint in a --save-dir (then the default --save-dir)"""
     max_skipped: int = 3
-    """an optimizer step with a non-finite loss or gradient norm is skipped; stop after this many steps in a row
-    that each skipped one or more (a step: one rollout batch and its updates)"""
+    """skip an optimizer step whose loss or gradient norm is not finite; stop after this many steps in a row with one"""
     track: bool = False
     """log to Weights and Biases"""
     wandb_project: str = "rl-post-training"
@@ -167,7 +166,7 @@ def compute_policy_loss(logp, old_logp, advantages, mask, clip_eps_low: float, c
 def accumulate_gradients(model, rollout, old_logp, advantages, minibatch, micro_batch_size, args):
     """Backward pass over one minibatch (row indices), `micro_batch_size` rows at a time. The accumulated gradient
     is the whole minibatch's: the loss is a mean over sequences, so each micro-batch weighs by its share of them."""
-    metrics = []
+    metrics, tokens = {}, rollout.completion_mask[minibatch].sum()
     for rows in minibatch.split(micro_batch_size):
         micro = rollout.select(rows)  # cut to its own longest completion
         logp, _ = common.completion_logprobs(model, micro, args.temperature, chunk_size=args.logprob_chunk_size)
@@ -177,8 +176,11 @@ def accumulate_gradients(model, rollout, old_logp, advantages, minibatch, micro_
         loss, micro_metrics = compute_policy_loss(
             logp, old_logp_micro, advantages[rows], micro.completion_mask, args.clip_eps_low, args.clip_eps_high,
         )
-        (loss * len(rows) / len(minibatch)).backward()
-        metrics.append(micro_metrics)
+        share = len(rows) / len(minibatch)
+        (loss * share).backward()
+        for k, v in micro_metrics.items():  # the minibatch's metrics: its loss, the share of its sequences clipped
+            weight = micro.completion_mask.sum() / tokens if k == "policy/approx_kl" else share  # KL: a token mean
+            metrics[k] = metrics.get(k, 0) + v * weight
     return metrics
 
 
@@ -271,12 +273,11 @@ def main(args: Args):
         for epoch in range(args.update_epochs):
             order = torch.randperm(batch_size, device=device)
             for minibatch in order.split(minibatch_size):
-                minibatch_metrics = accumulate_gradients(
-                    model, rollout, old_logp, advantages, minibatch, micro_batch_size, args
-                )
-                step_metrics += minibatch_metrics
+                minibatch_metrics = accumulate_gradients(model, rollout, old_logp, advantages, minibatch,
+                                                         micro_batch_size, args)
+                step_metrics.append(minibatch_metrics)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                if common.all_finite(grad_norm, *[m["loss/policy"] for m in minibatch_metrics]):
+                if common.all_finite(grad_norm, minibatch_metrics["loss/policy"]):
                     optimizer.step()
                 else:
                     step_skipped += 1

@@ -97,8 +97,7 @@ class Args:
     resume: Optional[str] = None
     """continue from a checkpoint folder, or from the newest checkpoint in a --save-dir (then the default --save-dir)"""
     max_skipped: int = 3
-    """an optimizer step with a non-finite loss or gradient norm is skipped; stop after this many steps in a row
-    that each skipped one or more (a step: one rollout batch and its updates)"""
+    """skip an optimizer step whose loss or gradient norm is not finite; stop after this many steps in a row with one"""
     track: bool = False
     """log to Weights and Biases"""
     wandb_project: str = "rl-post-training"
@@ -248,9 +247,9 @@ def accumulate_gradients(
     """Backward pass over one minibatch (row indices), `micro_batch_size` rows at a time, for the policy and the
     critic. The accumulated gradient is the whole minibatch's: both losses are token-means, and every micro-batch
     divides by the minibatch's token count."""
-    metrics = []
+    metrics, tokens = {}, rollout.completion_mask[minibatch].sum()
     # the token-mean's denominator, averaged over the processes (FSDP averages gradients)
-    num_tokens = common.all_reduce(rollout.completion_mask[minibatch].sum(), "mean").clamp(min=1)
+    num_tokens = common.all_reduce(tokens, "mean").clamp(min=1)
     for rows in minibatch.split(micro_batch_size):
         micro = rollout.select(rows)  # cut to its own longest completion
         logp, entropy = common.completion_logprobs(model, micro, args.temperature, with_entropy=args.ent_coef > 0,
@@ -269,7 +268,8 @@ def accumulate_gradients(
         if args.ent_coef > 0:
             loss = loss + args.ent_coef * compute_entropy_loss(entropy, mask, num_tokens)
         loss.backward()
-        metrics.append({**micro_metrics, **value_metrics})
+        for k, v in {**micro_metrics, **value_metrics}.items():  # the minibatch's: token means over all its tokens
+            metrics[k] = metrics.get(k, 0) + v * mask.sum() / tokens
     return metrics
 
 
@@ -383,10 +383,10 @@ def main(args: Args):
                     model, critic, rollout, old_logp, old_values, advantages, returns, minibatch, micro_batch_size,
                     args,
                 )
-                step_metrics += minibatch_metrics
+                step_metrics.append(minibatch_metrics)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 critic_grad_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
-                losses = [m[k] for m in minibatch_metrics for k in ("loss/policy", "ppo/value_loss")]
+                losses = [minibatch_metrics[k] for k in ("loss/policy", "ppo/value_loss")]
                 if common.all_finite(grad_norm, critic_grad_norm, *losses):
                     optimizer.step()
                     critic_optimizer.step()

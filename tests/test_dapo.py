@@ -139,16 +139,11 @@ def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout):  #
     old_logp = off_policy_logprobs(model, rollout, 0.3)  # off-policy, so both clip bounds are live
     advantages = torch.randn(B)
     minibatch = torch.randperm(B)[:9]  # 9 of the 12 rows: the normaliser is their token count, not the rollout's
-    losses = {}
 
     def accumulate(micro_batch_size):
-        metrics = dapo.accumulate_gradients(model, rollout, old_logp, advantages, minibatch, micro_batch_size, args)
-        losses[micro_batch_size] = metrics["loss/policy"]
+        return dapo.accumulate_gradients(model, rollout, old_logp, advantages, minibatch, micro_batch_size, args)
 
     assert_micro_batches_add_up(model, accumulate, 9, [4, 1])  # 4 + 4 + 1 rows, and 9 x 1 row
-    # the minibatch's metrics are the sums over its micro-batches: the same loss whatever the split
-    torch.testing.assert_close(losses[4], losses[9], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(losses[1], losses[9], rtol=1e-5, atol=1e-6)
 
 
 def test_on_policy_shortcut_equals_the_old_logprob_pass(tiny_rollout):  # noqa: F811

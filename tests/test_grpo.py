@@ -150,18 +150,23 @@ def off_policy_logprobs(model, rollout, noise):
 
 
 def assert_micro_batches_add_up(model, accumulate, minibatch_size, micro_batch_sizes):
-    """`accumulate(micro_batch_size)` runs a script's accumulate_gradients over one minibatch: the gradient
-    must be the same whatever the micro-batch size."""
+    """`accumulate(micro_batch_size)` runs a script's accumulate_gradients over one minibatch and returns its
+    metrics: the gradient and the minibatch's metrics (its loss, token means over all its tokens) must be the same
+    whatever the micro-batch size. The rows must differ in length, or a plain mean of micro-batch means would pass."""
 
     def gradient(micro_batch_size):
         model.zero_grad()
-        accumulate(micro_batch_size)
-        return torch.cat([p.grad.flatten() for p in model.parameters()])
+        metrics = accumulate(micro_batch_size)
+        return torch.cat([p.grad.flatten() for p in model.parameters()]), metrics
 
-    whole = gradient(minibatch_size)
-    assert whole.abs().sum() > 0
+    whole, whole_metrics = gradient(minibatch_size)
+    assert whole.abs().sum() > 0 and whole_metrics["policy/clip_frac"] > 0
     for micro_batch_size in micro_batch_sizes:
-        torch.testing.assert_close(gradient(micro_batch_size), whole, rtol=1e-4, atol=1e-6)
+        grad, metrics = gradient(micro_batch_size)
+        torch.testing.assert_close(grad, whole, rtol=1e-4, atol=1e-6)
+        assert metrics.keys() == whole_metrics.keys()
+        for name, value in metrics.items():
+            torch.testing.assert_close(value, whole_metrics[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def assert_entropy_bonus_adds_its_gradient(model, rollout, accumulate, ent_coef=0.5):
@@ -192,6 +197,7 @@ def test_micro_batches_accumulate_the_whole_minibatch_gradient(tiny_rollout):
     model, rollout = tiny_rollout
     args = grpo.resolve_args(grpo.Args(beta=0.04))
     B = rollout.input_ids.shape[0]  # 3 prompts x 4 = 12 rows
+    assert rollout.lengths.unique().numel() > 1  # unequal lengths: micro-batches hold unequal token counts
     # an off-policy old_logp and a reference different from the policy, so every term of the loss is live
     old_logp = off_policy_logprobs(model, rollout, 0.3)
     ref_logp = old_logp - 0.2
@@ -229,7 +235,7 @@ def test_on_policy_shortcut_equals_the_old_logprob_pass(tiny_rollout):
     args = grpo.resolve_args(grpo.Args(beta=0.04))
 
     def accumulate(old, ref, adv, rows):
-        return grpo.accumulate_gradients(model, rollout, old, ref, adv, rows, len(rows), args)[0]["loss/policy"]
+        return grpo.accumulate_gradients(model, rollout, old, ref, adv, rows, len(rows), args)["loss/policy"]
 
     assert_on_policy_shortcut_equals_the_old_logprob_pass(model, rollout, accumulate)
 
@@ -242,4 +248,4 @@ def test_accumulate_gradients_weighs_the_kl_by_beta(tiny_rollout):
     args, B = grpo.resolve_args(grpo.Args(beta=0.04)), rollout.input_ids.shape[0]
     ref_logp = common.rollout_logprobs(model, rollout, 1.0, micro_batch_size=B) - 0.2
     metrics = grpo.accumulate_gradients(model, rollout, None, ref_logp, torch.zeros(B), torch.arange(B), B, args)
-    assert metrics[0]["loss/policy"].item() == pytest.approx(0.04 * (math.exp(-0.2) + 0.2 - 1), rel=1e-4)
+    assert metrics["loss/policy"].item() == pytest.approx(0.04 * (math.exp(-0.2) + 0.2 - 1), rel=1e-4)
