@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent
 TINY_MODEL = ROOT / "assets" / "tiny-llama"
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 # an Args field left None takes the preset's value; --help says so instead of "(default: None)"
-FromPreset = Annotated[Optional[TypeVar("T")], tyro.conf.arg(help_behavior_hint="(default: from the preset)")]
+T = TypeVar("T")
+FromPreset = Annotated[Optional[T], tyro.conf.arg(help_behavior_hint="(default: from the preset)")]
 
 
 class UserError(Exception):

@@ -91,7 +91,7 @@ class Args:
     resume: Optional[str] = None
     """continue from a checkpoint folder, or from the newest checkpoint in a --save-dir (then the default --save-dir)"""
     max_skipped: int = 3
-    """skip an optimizer step whose loss or gradient norm is not finite; stop after this many steps in a row with one"""
+    """skip an update with a non-finite loss or gradient norm; stop after this many rollout batches in a row with one"""
     track: bool = False
     """log to Weights and Biases"""
     wandb_project: str = "rl-post-training"
@@ -190,10 +190,10 @@ def compute_policy_loss(logp, old_logp, advantages, mask, clip_eps_low: float, c
 def accumulate_gradients(model, rollout, old_logp, advantages, minibatch, micro_batch_size, args):
     """Backward pass over one minibatch (row indices), `micro_batch_size` rows at a time. The accumulated gradient
     is the whole minibatch's: every micro-batch divides by the minibatch's token count (DAPO's token-mean)."""
-    metrics = []
+    metrics, tokens = {}, rollout.completion_mask[minibatch].sum()
     # the token-mean's denominator, averaged over the processes (FSDP averages gradients); at least 1, as
     # --mask-truncated can leave no token
-    num_tokens = common.all_reduce(rollout.completion_mask[minibatch].sum(), "mean").clamp(min=1)
+    num_tokens = common.all_reduce(tokens, "mean").clamp(min=1)
     for rows in minibatch.split(micro_batch_size):
         micro = rollout.select(rows)  # cut to its own longest completion
         logp, _ = common.completion_logprobs(model, micro, args.temperature, chunk_size=args.logprob_chunk_size)
@@ -205,8 +205,9 @@ def accumulate_gradients(model, rollout, old_logp, advantages, minibatch, micro_
             num_tokens,
         )
         loss.backward()
-        metrics.append(micro_metrics)
-    return {k: torch.stack([m[k] for m in metrics]).sum() for k in metrics[0]}
+        for k, v in micro_metrics.items():  # the minibatch's metrics: its loss; token means over all its tokens
+            metrics[k] = metrics.get(k, 0) + v  # each micro-batch's already divides by the minibatch's tokens
+    return metrics
 
 
 def main(args: Args):

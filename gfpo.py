@@ -93,7 +93,7 @@ class Args:
     resume: Optional[str] = None
     """continue from a checkpoint folder, or from the newest checkpoint in a --save-dir (then the default --save-dir)"""
     max_skipped: int = 3
-    """skip an optimizer step whose loss or gradient norm is not finite; stop after this many steps in a row with one"""
+    """skip an update with a non-finite loss or gradient norm; stop after this many rollout batches in a row with one"""
     track: bool = False
     """log to Weights and Biases"""
     wandb_project: str = "rl-post-training"
@@ -228,7 +228,7 @@ def accumulate_gradients(model, rollout, old_logp, ref_logp, advantages, minibat
             loss = loss + args.ent_coef * compute_entropy_loss(entropy, micro.completion_mask, num_tokens)
         loss.backward()
         for k, v in micro_metrics.items():  # the minibatch's metrics: its loss; token means over all its tokens
-            metrics[k] = metrics.get(k, 0) + v * micro.completion_mask.sum() / tokens
+            metrics[k] = metrics.get(k, 0) + v * micro.completion_mask.sum() / num_tokens
     return metrics
 
 

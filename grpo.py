@@ -84,7 +84,7 @@ class Args:
     resume: Optional[str] = None
     """continue from a checkpoint folder, or from the newest checkpoint in a --save-dir (then the default --save-dir)"""
     max_skipped: int = 3
-    """skip an optimizer step whose loss or gradient norm is not finite; stop after this many steps in a row with one"""
+    """skip an update with a non-finite loss or gradient norm; stop after this many rollout batches in a row with one"""
     track: bool = False
     """log to Weights and Biases"""
     wandb_project: str = "rl-post-training"
