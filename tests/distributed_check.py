@@ -101,17 +101,23 @@ def main():
     old_values = 0.3 * torch.randn(B, T)
     share = slice(rank * B // world, (rank + 1) * B // world)
 
-    def check(name, run, with_critic=False):
-        """run(model, critic, rollout, rows, micro_batch_size) accumulates one script's gradients."""
+    def check(name, run, with_critic=False, global_metrics=False):
+        """run(model, critic, rollout, rows, micro_batch_size) accumulates one script's gradients and returns its
+        metrics. With `global_metrics` (the token-mean scripts) their mean over the processes must also be the whole
+        batch's: each process weighs its token means by the token count averaged over the processes."""
         model, critic = copy.deepcopy(initial), copy.deepcopy(initial_critic)
-        run(model, critic, rollout, slice(None), B)
+        want_metrics = run(model, critic, rollout, slice(None), B)
         want = gradients(model, critic) if with_critic else gradients(model)
         for micro_batch_size in (B // world, 2):
             model = common.place(copy.deepcopy(initial), CPU, torch.float32)
             critic = common.place(copy.deepcopy(initial_critic), CPU, torch.float32)
-            run(model, critic, rollout.select(torch.arange(B)[share]), share, micro_batch_size)
+            metrics = run(model, critic, rollout.select(torch.arange(B)[share]), share, micro_batch_size)
             got = gradients(model, critic) if with_critic else gradients(model)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=f"{name}, micro-batch {micro_batch_size}")
+            if global_metrics:
+                got_metrics = common.mean_over_processes(metrics)
+                for key, value in want_metrics.items():
+                    torch.testing.assert_close(got_metrics[key], value, rtol=1e-4, atol=1e-6, msg=f"{name}, {key}")
         print(f"ok {name}")
 
     def minibatch(rows):
@@ -123,18 +129,18 @@ def main():
     ))
     check("dapo", lambda m, c, r, rows, micro: dapo.accumulate_gradients(
         m, r, old_logp[rows], seq_advantages[rows], minibatch(rows), micro, dapo.resolve_args(dapo.Args()),
-    ))
+    ), global_metrics=True)
     check("gspo", lambda m, c, r, rows, micro: gspo.accumulate_gradients(
         m, r, old_logp[rows], seq_advantages[rows], minibatch(rows), micro, gspo.resolve_args(gspo.Args()),
     ))
     check("gfpo", lambda m, c, r, rows, micro: gfpo.accumulate_gradients(
         m, r, old_logp[rows], ref_logp[rows], seq_advantages[rows], minibatch(rows), micro,
         gfpo.resolve_args(gfpo.Args(beta=0.04)),
-    ))
+    ), global_metrics=True)
     check("ppo", lambda m, c, r, rows, micro: ppo.accumulate_gradients(
         m, c, r, old_logp[rows], old_values[rows], token_advantages[rows], returns[rows], minibatch(rows), micro,
         ppo.resolve_args(ppo.Args(ent_coef=0.01)),
-    ), with_critic=True)
+    ), with_critic=True, global_metrics=True)
     common.finish_distributed()
 
 
