@@ -240,6 +240,28 @@ def test_on_policy_shortcut_equals_the_old_logprob_pass(tiny_rollout):
     assert_on_policy_shortcut_equals_the_old_logprob_pass(model, rollout, accumulate)
 
 
+def test_minibatch_metrics_weigh_micro_batches_by_their_tokens(tiny_rollout):
+    # one row per micro-batch; A = +1 everywhere; old_logp = logp - ln 1.5 on the longest row r, logp elsewhere:
+    #   row r: ratio 1.5 on each of its L_r tokens, clipped (1.5 > 1.2 with A > 0): per-token loss -1.2,
+    #          k3 = 1.5 - 1 - ln 1.5 = 0.5 - 0.405465 = 0.094535 per token
+    #   other rows: ratio 1, per-token loss -1, k3 0
+    # over the minibatch's N tokens: clip_frac = L_r / N, approx_kl = 0.094535 L_r / N;
+    # loss/policy, a mean over the B rows: (-1.2 - (B - 1)) / B = -1 - 0.2 / B
+    # (a plain mean of the B micro-batches' own means would give clip_frac 1/B and approx_kl 0.094535/B)
+    model, rollout = tiny_rollout
+    args, B = grpo.resolve_args(grpo.Args(beta=0.0)), rollout.input_ids.shape[0]
+    lengths = rollout.lengths.float()
+    r, N = int(lengths.argmax()), lengths.sum().item()
+    assert lengths[r].item() * B != N  # the token share differs from the row share
+    old_logp = common.rollout_logprobs(model, rollout, 1.0, micro_batch_size=B)
+    old_logp[r] -= math.log(1.5)
+    metrics = grpo.accumulate_gradients(model, rollout, old_logp, None, torch.ones(B), torch.arange(B), 1, args)
+    share = lengths[r].item() / N
+    assert metrics["policy/clip_frac"].item() == pytest.approx(share, abs=1e-6)
+    assert metrics["policy/approx_kl"].item() == pytest.approx(0.094535 * share, abs=1e-6)
+    assert metrics["loss/policy"].item() == pytest.approx(-1 - 0.2 / B, abs=1e-5)
+
+
 def test_accumulate_gradients_weighs_the_kl_by_beta(tiny_rollout):
     # advantages 0 and ref = the policy's log-probs - 0.2 on every token: each token's loss is beta * k3 with
     # x = ref - logp = -0.2: e^-0.2 + 0.2 - 1 = 0.818731 + 0.2 - 1 = 0.018731; any mean of it is 0.018731,
