@@ -222,6 +222,8 @@ def init_distributed(device: torch.device) -> int:
 
 def finish_distributed():
     if dist.is_initialized():
+        # lets gloo's workers free the last collective's tensors (they take the GIL) before the interpreter exits
+        dist.barrier()
         dist.destroy_process_group()
 
 
