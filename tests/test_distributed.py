@@ -79,3 +79,13 @@ def test_resume_with_another_number_of_processes_is_a_user_error(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     with pytest.raises(common.UserError, match="saved by 2 process"):
         module("grpo.py").main(module("grpo.py").Args(num_steps=2, eval_every=0, resume=str(tmp_path)))
+
+
+def test_finish_distributed_waits_at_a_barrier_before_destroying_the_group(monkeypatch):
+    # gloo's workers free the last collective's tensors under the GIL: exiting right after it can abort the process
+    calls = []
+    monkeypatch.setattr(common.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(common.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(common.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    common.finish_distributed()
+    assert calls == ["barrier", "destroy"]
