@@ -119,7 +119,7 @@ def load_tokenizer(name: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
     except (OSError, ValueError) as e:
-        raise UserError(f"--model {name}: no tokenizer found as a local folder or hub id ({_first_line(e)})")
+        raise UserError(f"--model {name}: cannot load a tokenizer from it ({_first_line(e)})")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # pad == EOS is fine: masks come from positions
     tokenizer.padding_side = "left"
@@ -161,7 +161,7 @@ def _from_pretrained(cls, name: str, attn_implementation: str, **kwargs):
     try:
         return cls.from_pretrained(resolve_model_path(name), dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as e:
-        raise UserError(f"--model {name}: no model found as a local folder or hub id ({_first_line(e)})")
+        raise UserError(f"--model {name}: cannot load a model from it ({_first_line(e)})")
 
 
 def prepare(model, gradient_checkpointing: bool, trainable: bool = True):

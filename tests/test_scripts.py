@@ -1,7 +1,9 @@
 """The scripts as a user runs them: short end-to-end runs in a subprocess, and bad input."""
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +98,16 @@ def test_bad_grpo_input(args, names, tmp_path):
 def test_cuda_without_a_gpu_is_a_user_error():
     with pytest.raises(common.UserError, match="--device cuda: torch sees no CUDA device here"):
         common.get_device("cuda")
+
+
+def test_a_folder_that_holds_no_loadable_model_is_a_user_error_with_the_cause(tmp_path):
+    # the folder exists, so the message must not say it was not found, and it must carry transformers' reason
+    shutil.copytree(common.TINY_MODEL, tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    (tmp_path / "model" / "config.json").write_text(json.dumps(dict(config, model_type="no-such-architecture")))
+    with pytest.raises(common.UserError, match=rf"^--model {re.escape(str(tmp_path / 'model'))}: cannot load a model "
+                                               r"from it \(.*no-such-architecture"):
+        common.load_model(str(tmp_path / "model"), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
