@@ -158,6 +158,8 @@ def _from_pretrained(cls, name: str, attn_implementation: str, **kwargs):
     check(attn_implementation in ATTENTION,
           f"--attn-implementation {attn_implementation}: choose one of {', '.join(ATTENTION)}")
     kwargs["attn_implementation"] = attn_implementation
+    # transformers 5.25 swaps layers for kernels fetched from the Hub unless told not to: keep PyTorch's, offline
+    kwargs["use_kernels"] = False
     try:
         return cls.from_pretrained(resolve_model_path(name), dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as e:
@@ -384,7 +386,8 @@ def load_training_state(resume: str, script: str, models: dict, optimizers: dict
     try:
         for name, model in models.items():
             # from_pretrained, then copy: it resolves tied weights and sharded files like any hub model
-            weights = type(model).from_pretrained(path if name == "policy" else path / name, dtype=torch.float32)
+            weights = type(model).from_pretrained(path if name == "policy" else path / name, dtype=torch.float32,
+                                                  use_kernels=False)  # as in _from_pretrained
             if is_sharded(model):  # every process takes its shard of the full state dicts
                 options = StateDictOptions(full_state_dict=True)
                 set_model_state_dict(model, weights.state_dict(), options=options)

@@ -302,6 +302,17 @@ def test_models_train_without_dropout_and_checkpointing_is_active():
     assert common.load_model("tiny", torch.device("cpu"), gradient_checkpointing=True).training
 
 
+def test_models_load_with_pytorch_layers_not_hub_kernels():
+    # transformers 5.25 kernelizes from the Hub by default; older versions (CI's) need the flag passed to see it
+    class Recorder:
+        @classmethod
+        def from_pretrained(cls, path, **kwargs):
+            raise OSError(f"use_kernels={kwargs.get('use_kernels', 'unset')}")
+
+    with pytest.raises(common.UserError, match=r"\(use_kernels=False\)"):
+        common._from_pretrained(Recorder, "tiny", "sdpa")
+
+
 def hand_rollout(prompt_ids, prompt_mask, completion_ids, lengths, truncated):
     completion_ids = torch.tensor(completion_ids)
     mask = (torch.arange(completion_ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]).float()
