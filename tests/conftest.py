@@ -4,6 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # import common, grpo, ... from the repo root
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never touch the network
+os.environ.setdefault("USE_HUB_KERNELS", "0")  # nor load layers from the Hub, as transformers 5.25 does by default
 
 
 import pytest  # noqa: E402
