@@ -132,7 +132,7 @@ def run_trl(model: Path, task: Path) -> dict:
 
     counts, padded, lengths = counters(), [], []
     rows = tasks.jsonl_task(str(task)).train
-    trainer_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    trainer_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, use_kernels=False)  # as grpo.py
 
     def training_forward(module, args, kwargs):
         mask = kwargs.get("attention_mask")

@@ -118,7 +118,7 @@ def main():
     task = tasks.jsonl_task(args.task)  # the same split as grpo.py: train on task.train
     dataset = Dataset.from_list(task.train)
     tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, use_kernels=False)  # as grpo.py
 
     def reward_exact(prompts, completions, answer, **kwargs):
         """Any cheap reward does: it does not change the compute. The same exact match as grpo.py's jsonl task."""
