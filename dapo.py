@@ -158,7 +158,7 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, cache_len: int) -> tor
 
 def filter_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """Dynamic sampling, DAPO eq. 11: True for each group whose rewards are not all equal (the groups kept), shape
-    (B / group_size,). An all-equal group (all right or all wrong) has zero advantage: no gradient."""
+    (B / group_size,). Pass the task rewards: eq. 11 keeps a group with some right and some wrong answers."""
     grouped = rewards.view(-1, group_size)
     return (grouped != grouped[:, :1]).any(dim=1)
 

@@ -182,7 +182,7 @@ def compute_policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: fl
     per_token = -surrogate
     if beta > 0:
         # k3 estimator of KL(pi || pi_ref), DeepSeekMath eq. 4; >= 0 per token
-        log_ratio_ref = ref_logp - logp
+        log_ratio_ref = (ref_logp - logp) * mask  # 0 past EOS, where ref_logp may be padding: exp() stays finite
         kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1
         per_token = per_token + beta * kl
     # token-mean: sum_{i,t} l[i, t] / sum_i |o_i| over the minibatch's retained completions (footnote 1)

@@ -141,7 +141,7 @@ def compute_policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: fl
     per_token = -surrogate
     if beta > 0:
         # k3 estimator of KL(pi || pi_ref), DeepSeekMath eq. 4; >= 0 per token
-        log_ratio_ref = ref_logp - logp
+        log_ratio_ref = (ref_logp - logp) * mask  # 0 past EOS, where ref_logp may be padding: exp() stays finite
         kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1
         per_token = per_token + beta * kl
     # seq-mean-token-mean: (1/B) sum_i (1/|o_i|) sum_t l[i, t]   (eq. 3's 1/G and 1/|o_i|)

@@ -7,6 +7,7 @@ import torch
 
 import common
 import dapo
+import gfpo
 import grpo
 import gspo
 
@@ -94,6 +95,23 @@ def test_policy_loss_k3_term():
     assert loss == pytest.approx(0.025)
     torch.testing.assert_close(grad, torch.tensor([[-0.05, 0.025]]))
     assert metrics["loss/kl"].item() == pytest.approx(0.25)  # token mean of k3: 0.5 / 2
+
+
+@pytest.mark.parametrize("loss_fn", [
+    lambda logp, old, ref, adv, mask: grpo.compute_policy_loss(logp, old, ref, adv, mask, 0.2, 0.1),
+    lambda logp, old, ref, adv, mask: gfpo.compute_policy_loss(logp, old, ref, adv, mask, 0.2, 0.1, 1),
+], ids=["grpo", "gfpo"])
+def test_policy_loss_k3_term_ignores_padding_past_eos(loss_fn):
+    # one sequence, 1 valid token then one past EOS; A = 0, beta 0.1, so only the KL term counts:
+    #   token 1: ref - logp = ln 2 -> k3 = 2 - ln2 - 1 = 0.306853; loss 0.1 * 0.306853 / 1 token = 0.0306853
+    #   d k3 / d logp = 1 - 2 = -1, times 0.1 -> -0.1
+    #   past EOS: ref_logp is padding (0) and logp = -100, where exp(0 - (-100)) = 2.7e43 overflows fp32 to inf
+    #   and inf * mask 0 would give a NaN loss and gradient: it must count for 0 in both
+    logp = torch.tensor([[-1.0, -100.0]])
+    ref = torch.tensor([[-1.0 + math.log(2), 0.0]])
+    loss, grad, _ = loss_grad_metrics(loss_fn, logp, logp.clone(), ref, torch.zeros(1), torch.tensor([[1.0, 0.0]]))
+    assert loss == pytest.approx(0.0306853)
+    torch.testing.assert_close(grad, torch.tensor([[-0.1, 0.0]]))
 
 
 def test_policy_loss_seq_mean_token_mean_on_unequal_lengths():
