@@ -309,13 +309,25 @@ def checkpoints(save_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
+def _flush_to_disk(*paths: Path):
+    """fsync each file or folder, so that what the rename after it publishes survives a crash of the machine."""
+    for path in paths:
+        if os.name == "nt" and path.is_dir():  # Windows cannot open a folder to flush it
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def save_training_state(save_dir, step: int, script: str, tokenizer, models: dict, optimizers: dict, prompts,
                         extra=None, keep_last: int = 2) -> Path:
     """Write `save_dir/step_{step}`: every model in save_pretrained format (`policy` at the top, others in a
     subfolder of their name), the tokenizer, and training_state.pt (script, step, optimizer states, every process's
-    RNG states, the prompt stream, `extra`). It is written to a temporary folder renamed into place, so a kill
-    during a save leaves the previous checkpoints as they were; the newest `keep_last` are kept (0: all). Weights
-    that are not finite are never written. Every process calls this; rank 0 writes."""
+    RNG states, the prompt stream, `extra`). It is written to a temporary folder, flushed to disk and renamed into
+    place, so a kill or a crash during a save leaves the previous checkpoints as they were; the newest `keep_last`
+    are kept (0: all). Weights that are not finite are never written. Every process calls this; rank 0 writes."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     check(all_finite(*[getattr(p, "to_local", lambda p=p: p)() for m in models.values() for p in m.parameters()]),
@@ -336,10 +348,12 @@ def save_training_state(save_dir, step: int, script: str, tokenizer, models: dic
         tokenizer.save_pretrained(tmp)
         torch.save({"script": script, "step": step, "world_size": world_size(), "optimizers": optimizer_states,
                     "rng": rng, "prompts": prompts.state_dict(), "extra": extra or {}}, tmp / TRAINING_STATE)
+        _flush_to_disk(*sorted(tmp.rglob("*")), tmp)  # the files' contents first, then the rename that shows them
         if path.exists():  # the same step saved again (a resumed run): swap, then drop the old one
             shutil.rmtree(old, ignore_errors=True)
             path.rename(old)
         tmp.rename(path)
+        _flush_to_disk(path.parent)  # the rename itself, before older checkpoints are removed
         shutil.rmtree(old, ignore_errors=True)
         for stale in checkpoints(save_dir)[:-keep_last] if keep_last else []:
             shutil.rmtree(stale)

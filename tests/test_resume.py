@@ -2,10 +2,12 @@
 
 import importlib
 import json
+import os
 import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,6 +280,33 @@ def test_non_finite_weights_are_never_saved(tiny, tmp_path):
             tmp_path, 7, "grpo.py", tokenizer, {"policy": broken}, {"policy": optimizer}, prompts
         )
     assert not any(tmp_path.iterdir())
+
+
+def test_a_checkpoint_is_flushed_to_disk_before_it_is_renamed_into_place(tiny, tmp_path, monkeypatch):
+    # every file and folder of step_7.tmp is fsynced before the rename that makes it step_7, and the save folder
+    # right after it (the rename itself): a crash of the machine cannot leave a step_7 whose files are still empty
+    model, tokenizer, _ = tiny
+    events, fsync, rename = [], os.fsync, Path.rename
+
+    def recorded_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))  # the path the descriptor was opened on
+        fsync(fd)
+
+    def recorded_rename(self, target):
+        events.append(("rename", str(self)))
+        return rename(self, target)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(Path, "rename", recorded_rename)
+    save_dir = Path(os.path.realpath(tmp_path))
+    prompts = tasks.PromptStream([{"prompt": "1+1=", "answer": 2}], 0)
+    path = common.save_training_state(save_dir, 7, "grpo.py", tokenizer, {"policy": model},
+                                      {"policy": torch.optim.AdamW(model.parameters())}, prompts)
+    tmp = str(save_dir / "step_7.tmp")
+    written = [tmp] + [tmp + str(p)[len(str(path)):] for p in path.rglob("*")]
+    renamed = events.index(("rename", tmp))
+    assert len(written) > 3 and sorted(p for _, p in events[:renamed]) == sorted(written)
+    assert events[renamed + 1 :] == [("fsync", str(save_dir))]
 
 
 def test_keep_last_and_a_save_that_dies_halfway(tmp_path, monkeypatch):
