@@ -264,6 +264,8 @@ def read_jsonl(path: str, task: str, keys: tuple[str, ...], valid=lambda row: Tr
             if row is not None:
                 check(isinstance(row, dict) and all(k in row for k in keys),
                       f"--task {task}:{path}: line {number} needs both {' and '.join(repr(k) for k in keys)}")
+                check(isinstance(row[keys[0]], str) and row[keys[0]].strip() != "",
+                      f"--task {task}:{path}: line {number}'s {keys[0]!r} needs to be non-empty text")
                 check(valid(row), f"--task {task}:{path}: line {number}'s 'answer' needs {wanted}")
                 rows.append(row)
     check(len(rows) >= 2, f"--task {task}:{path}: needs at least 2 rows (one is held out), found {len(rows)}")
@@ -284,7 +286,8 @@ def split_rows(rows: list[dict], name: str) -> tuple[list[dict], list[dict]]:
 
 def jsonl_task(path: str) -> Task:
     """Your own rows {"prompt": ..., "answer": ...}; a fixed 10% (at least one row) is held out."""
-    rows = read_jsonl(path, "jsonl", ("prompt", "answer"))
+    rows = read_jsonl(path, "jsonl", ("prompt", "answer"), wanted="to be text or a number",
+                      valid=lambda r: type(r["answer"]) in (str, int, float) and str(r["answer"]).strip() != "")
     rows = [{"prompt": str(r["prompt"]), "answer": str(r["answer"])} for r in rows]
     train, held_out = split_rows(rows, f"jsonl:{path}")
     return Task(f"jsonl:{path}", train, held_out, exact_reward, True)

@@ -194,6 +194,10 @@ GOOD = json.dumps({"prompt": "q", "answer": "a"})
     ([GOOD, "{not json"], "line 2 is not valid JSON"),
     (["[1, 2]", GOOD], "line 1 needs both"),
     ([GOOD], "at least 2 rows"),
+    ([GOOD, json.dumps({"prompt": None, "answer": "a"})], "line 2's 'prompt' needs to be non-empty text"),  # not "None"
+    ([json.dumps({"prompt": " ", "answer": "a"}), GOOD], "line 1's 'prompt' needs to be non-empty text"),
+    ([GOOD, json.dumps({"prompt": "q", "answer": [1, 2]})], "line 2's 'answer' needs to be text or a number"),
+    ([GOOD, json.dumps({"prompt": "q", "answer": True})], "line 2's 'answer' needs to be text or a number"),
 ])
 def test_jsonl_errors(tmp_path, lines, message):
     with pytest.raises(UserError, match=message):
