@@ -64,9 +64,25 @@ def check_batches(args, per_prompt: int, per_prompt_flag: str, world_size: int):
           f"--num-minibatches {args.num_minibatches}: must divide the {batch} completions trained on per step"
           f" (--num-prompts x {per_prompt_flag} / processes)")
     minibatch = batch // args.num_minibatches
-    micro = args.micro_batch_size or minibatch
+    micro = minibatch if args.micro_batch_size is None else args.micro_batch_size
     check(micro >= 1 and minibatch % micro == 0,
           f"--micro-batch-size {args.micro_batch_size}: must divide the minibatch of {minibatch} completions")
+
+
+def check_save_dir(args):
+    """--save-every needs --save-dir, a folder this run can create and write; unless resuming, one that holds no
+    other run's checkpoints or metrics, which this run would replace, prune or append to."""
+    check(not args.save_every or args.save_dir, f"--save-every {args.save_every}: needs --save-dir")
+    if args.save_dir:
+        folder = Path(args.save_dir)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--save-dir {args.save_dir}: cannot create the folder ({_first_line(e)})")
+        check(os.access(folder, os.W_OK | os.X_OK), f"--save-dir {args.save_dir}: this user cannot write in it")
+        found = [p.name for p in checkpoints(folder)[-1:]] + [METRICS_FILE] * (folder / METRICS_FILE).exists()
+        check(args.resume or not found, f"--save-dir {args.save_dir}: holds another run ({', '.join(found)});"
+              f" continue it with --resume {args.save_dir}, or give another --save-dir")
 
 
 def _first_line(e: Exception) -> str:
@@ -348,7 +364,8 @@ def save_training_state(save_dir, step: int, script: str, tokenizer, models: dic
         tokenizer.save_pretrained(tmp)
         torch.save({"script": script, "step": step, "world_size": world_size(), "optimizers": optimizer_states,
                     "rng": rng, "prompts": prompts.state_dict(), "extra": extra or {}}, tmp / TRAINING_STATE)
-        _flush_to_disk(*sorted(tmp.rglob("*")), tmp)  # the files' contents first, then the rename that shows them
+        metrics = Path(save_dir) / METRICS_FILE  # the rows logged up to this step go to disk with it
+        _flush_to_disk(*sorted(tmp.rglob("*")), tmp, *[metrics] * metrics.is_file())  # then the rename shows them
         if path.exists():  # the same step saved again (a resumed run): swap, then drop the old one
             shutil.rmtree(old, ignore_errors=True)
             path.rename(old)
@@ -394,6 +411,11 @@ def load_training_state(resume: str, script: str, models: dict, optimizers: dict
     later = [p.name for p in checkpoints(folder) if int(p.name[5:]) > step]  # another run's future: keep it
     check(not later, f"--resume {path}: {folder} holds later checkpoints ({', '.join(later)}): resume from the newest"
           " or give another --save-dir")
+    for name, optimizer in optimizers.items():  # the checkpoint's would silently win over this run's flags
+        for saved, group in zip(state["optimizers"][name]["param_groups"], optimizer.param_groups):
+            for key in ("lr", "weight_decay"):
+                check(saved[key] == group[key], f"--resume {path}: its {name} optimizer has {key} {saved[key]}, this"
+                      f" run sets {group[key]}: pass the original run's flags")
     rows = state["prompts"].get("num_rows", len(prompts.rows))
     check(rows == len(prompts.rows), f"--resume {path}: trained on a task of {rows} training rows, this --task has"
           f" {len(prompts.rows)}: resume with the same --task")
@@ -423,7 +445,8 @@ def load_training_state(resume: str, script: str, models: dict, optimizers: dict
                 check(number == len(lines), f"--resume {path}: {metrics} line {number} is no metrics row")
         tmp = metrics.with_name(METRICS_FILE + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(metrics)  # a kill now leaves either file whole
+        _flush_to_disk(tmp)
+        tmp.replace(metrics)  # a kill or a crash now leaves either file whole
     rng = state["rng"][rank()]
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])

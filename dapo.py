@@ -135,7 +135,7 @@ def validate_args(args: Args, world_size: int = 1):
     common.check(args.overlong_buffer <= args.max_new_tokens,
                  f"--overlong-buffer {args.overlong_buffer}: must be at most --max-new-tokens ({args.max_new_tokens})")
     common.check_batches(args, args.group_size, "--group-size", world_size)
-    common.check(not args.save_every or args.save_dir, f"--save-every {args.save_every}: needs --save-dir")
+    common.check_save_dir(args)
 
 
 def compute_advantages(rewards: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:

@@ -136,7 +136,7 @@ def validate_args(args: Args, world_size: int = 1):
     common.check_batches(args, args.k, "--k", world_size)  # GFPO: only the retained completions are trained on
     common.check(not args.adaptive_k or args.num_prompts * max(2, math.ceil(args.k / 2)) >= args.num_minibatches,
                  f"--num-minibatches {args.num_minibatches}: --adaptive-k may retain --num-prompts x max(2, ceil(k/2))")
-    common.check(not args.save_every or args.save_dir, f"--save-every {args.save_every}: needs --save-dir")
+    common.check_save_dir(args)
 
 
 def select_retained(rewards: torch.Tensor, lengths: torch.Tensor, group_size: int, k, metric: str) -> torch.Tensor:

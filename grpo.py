@@ -120,7 +120,7 @@ def validate_args(args: Args, world_size: int = 1):
         eval_batch_size=1, max_skipped=1, beta=0, clip_eps=0, adv_eps=0, eval_every=0, save_every=0, keep_last=0,
     ), positive=("temperature", "learning_rate", "max_grad_norm"))
     common.check_batches(args, args.group_size, "--group-size", world_size)
-    common.check(not args.save_every or args.save_dir, f"--save-every {args.save_every}: needs --save-dir")
+    common.check_save_dir(args)
 
 
 def compute_advantages(rewards: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:

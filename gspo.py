@@ -126,7 +126,7 @@ def validate_args(args: Args, world_size: int = 1):
     common.check(args.clip_eps_high >= args.clip_eps_low,
                  f"--clip-eps-high {args.clip_eps_high}: must be at least --clip-eps-low ({args.clip_eps_low})")
     common.check_batches(args, args.group_size, "--group-size", world_size)
-    common.check(not args.save_every or args.save_dir, f"--save-every {args.save_every}: needs --save-dir")
+    common.check_save_dir(args)
 
 
 def compute_advantages(rewards: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:

@@ -137,7 +137,7 @@ def validate_args(args: Args, world_size: int = 1):
     common.check(0 <= args.gamma <= 1, f"--gamma {args.gamma}: must be between 0 and 1")
     common.check(0 <= args.lam <= 1, f"--lam {args.lam}: must be between 0 and 1")
     common.check_batches(args, args.samples_per_prompt, "--samples-per-prompt", world_size)
-    common.check(not args.save_every or args.save_dir, f"--save-every {args.save_every}: needs --save-dir")
+    common.check_save_dir(args)
 
 
 def compute_rewards(score, old_logp, ref_logp, mask, beta: float) -> torch.Tensor:

@@ -387,6 +387,10 @@ def test_a_refused_resume_changes_nothing_and_a_cut_last_metrics_line_is_dropped
         ({"resume": str(run_dir / "step_4"), "num_steps": 4}, "--num-steps 4: the checkpoint is already at step 4"),
         ({"resume": str(run_dir / "step_2"), "num_steps": 6}, "holds later checkpoints (step_4)"),  # another future
         ({"resume": str(run_dir), "num_steps": 6, "task": "countdown"}, "a task of 40000 training rows"),
+        # the checkpoint's learning rate (the tiny preset's 5e-4) would silently win over the flag
+        ({"resume": str(run_dir), "num_steps": 6, "learning_rate": 1e-3},
+         "its policy optimizer has lr 0.0005, this run sets 0.001: pass the original run's flags"),
+        ({"num_steps": 6}, "holds another run (step_4, metrics.jsonl); continue it with --resume"),  # not resuming
     ]
     for fields, message in refused:
         with pytest.raises(common.UserError, match=re.escape(message)):

@@ -67,6 +67,8 @@ BAD_INPUT = [
     (["--keep-last", "-1"], "--keep-last"),
     (["--max-skipped", "0"], "--max-skipped"),
     (["--save-every", "1"], "--save-every 1: needs --save-dir"),  # else nothing would be saved, without a word
+    (["--micro-batch-size", "0"], "--micro-batch-size 0: must divide"),  # not a silent "the whole minibatch"
+    (["--save-dir", "{bad_rows}"], "--save-dir {bad_rows}: cannot create the folder"),  # a file, not a folder
 ]
 
 
@@ -79,7 +81,7 @@ def check_bad_input(script, args, names, tmp_path):
     bad_rows = write(tmp_path / "bad.jsonl", '{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2="}\n')
     module = importlib.import_module(script.removesuffix(".py"))
     parsed = tyro.cli(module.Args, args=[a.replace("{bad_rows}", bad_rows) for a in args] + ["--num-steps", "1"])
-    with pytest.raises(common.UserError, match=re.escape(names)):
+    with pytest.raises(common.UserError, match=re.escape(names.replace("{bad_rows}", bad_rows))):
         module.main(parsed)
 
 
