@@ -359,13 +359,18 @@ def save_training_state(save_dir, step: int, script: str, tokenizer, models: dic
     if rank() == 0:
         tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
-        for name, model in models.items():
-            model.save_pretrained(tmp if name == "policy" else tmp / name, state_dict=model_states[name])
-        tokenizer.save_pretrained(tmp)
-        torch.save({"script": script, "step": step, "world_size": world_size(), "optimizers": optimizer_states,
-                    "rng": rng, "prompts": prompts.state_dict(), "extra": extra or {}}, tmp / TRAINING_STATE)
-        metrics = Path(save_dir) / METRICS_FILE  # the rows logged up to this step go to disk with it
-        _flush_to_disk(*sorted(tmp.rglob("*")), tmp, *[metrics] * metrics.is_file())  # then the rename shows them
+        try:
+            for name, model in models.items():
+                model.save_pretrained(tmp if name == "policy" else tmp / name, state_dict=model_states[name])
+            tokenizer.save_pretrained(tmp)
+            torch.save({"script": script, "step": step, "world_size": world_size(), "optimizers": optimizer_states,
+                        "rng": rng, "prompts": prompts.state_dict(), "extra": extra or {}}, tmp / TRAINING_STATE)
+            metrics = Path(save_dir) / METRICS_FILE  # the rows logged up to this step go to disk with it
+            _flush_to_disk(*sorted(tmp.rglob("*")), tmp, *[metrics] * metrics.is_file())  # then the rename shows them
+        except OSError as e:  # a full disk, say: the half-written folder goes, the older checkpoints stay
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"cannot save step {step} in {save_dir} ({_first_line(e)}); the checkpoints saved before"
+                            " are intact")
         if path.exists():  # the same step saved again (a resumed run): swap, then drop the old one
             shutil.rmtree(old, ignore_errors=True)
             path.rename(old)

@@ -326,6 +326,16 @@ def test_keep_last_and_a_save_that_dies_halfway(tmp_path, monkeypatch):
     assert (tmp_path / "two" / "step_5.tmp").is_dir()
     assert common.find_checkpoint(str(tmp_path / "two")).name == "step_4"
 
+    # a full disk at the same point is one line; the half-written folder is removed, step_3 and step_4 stay
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(common.UserError, match=re.escape(
+            f"cannot save step 5 in {tmp_path / 'two'} ([Errno 28] No space left on device); the checkpoints saved")):
+        train("grpo.py", tmp_path / "two", num_steps=5, resume=str(tmp_path / "two"), save_every=1, keep_last=2)
+    assert sorted(p.name for p in (tmp_path / "two").glob("step_*")) == ["step_3", "step_4"]
+
 
 @pytest.fixture(scope="module")
 def grpo_checkpoint(tmp_path_factory):
