@@ -70,8 +70,8 @@ def check_batches(args, per_prompt: int, per_prompt_flag: str, world_size: int):
 
 
 def check_save_dir(args):
-    """--save-every needs --save-dir, a folder this run can create and write; unless resuming, one that holds no
-    other run's checkpoints or metrics, which this run would replace, prune or append to."""
+    """--save-every needs --save-dir, a folder this run can create and write that holds no other run's checkpoints
+    or metrics (this run would replace, prune or append to them), unless it is the folder of the resumed one."""
     check(not args.save_every or args.save_dir, f"--save-every {args.save_every}: needs --save-dir")
     if args.save_dir:
         folder = Path(args.save_dir)
@@ -80,9 +80,13 @@ def check_save_dir(args):
         except OSError as e:
             raise UserError(f"--save-dir {args.save_dir}: cannot create the folder ({_first_line(e)})")
         check(os.access(folder, os.W_OK | os.X_OK), f"--save-dir {args.save_dir}: this user cannot write in it")
-        found = [p.name for p in checkpoints(folder)[-1:]] + [METRICS_FILE] * (folder / METRICS_FILE).exists()
-        check(args.resume or not found, f"--save-dir {args.save_dir}: holds another run ({', '.join(found)});"
-              f" continue it with --resume {args.save_dir}, or give another --save-dir")
+        if args.resume and find_checkpoint(args.resume).parent.resolve() == folder.resolve():
+            return  # the resumed run's own folder
+        last = checkpoints(folder)[-1:]
+        check(not last, f"--save-dir {args.save_dir}: holds another run's {last[0].name if last else ''}; continue it"
+              f" with --resume {args.save_dir}, or give another --save-dir")
+        check(not (folder / METRICS_FILE).exists(), f"--save-dir {args.save_dir}: holds the {METRICS_FILE} of a run"
+              " with no checkpoint to continue; remove it, or give another --save-dir")
 
 
 def _first_line(e: Exception) -> str:
@@ -330,7 +334,7 @@ def _flush_to_disk(*paths: Path):
     for path in paths:
         if os.name == "nt" and path.is_dir():  # Windows cannot open a folder to flush it
             continue
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR)  # Windows flushes only writable files
         try:
             os.fsync(fd)
         finally:
@@ -417,10 +421,11 @@ def load_training_state(resume: str, script: str, models: dict, optimizers: dict
     check(not later, f"--resume {path}: {folder} holds later checkpoints ({', '.join(later)}): resume from the newest"
           " or give another --save-dir")
     for name, optimizer in optimizers.items():  # the checkpoint's would silently win over this run's flags
+        flags = {"lr": f"--{'critic-' if name == 'critic' else ''}learning-rate", "weight_decay": "--weight-decay"}
         for saved, group in zip(state["optimizers"][name]["param_groups"], optimizer.param_groups):
-            for key in ("lr", "weight_decay"):
-                check(saved[key] == group[key], f"--resume {path}: its {name} optimizer has {key} {saved[key]}, this"
-                      f" run sets {group[key]}: pass the original run's flags")
+            for key, flag in flags.items():
+                check(saved[key] == group[key], f"{flag} {group[key]}: the run resumed from {path} was trained with"
+                      f" {saved[key]}; pass the original run's flags")
     rows = state["prompts"].get("num_rows", len(prompts.rows))
     check(rows == len(prompts.rows), f"--resume {path}: trained on a task of {rows} training rows, this --task has"
           f" {len(prompts.rows)}: resume with the same --task")

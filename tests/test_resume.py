@@ -299,14 +299,24 @@ def test_a_checkpoint_is_flushed_to_disk_before_it_is_renamed_into_place(tiny, t
     monkeypatch.setattr(os, "fsync", recorded_fsync)
     monkeypatch.setattr(Path, "rename", recorded_rename)
     save_dir = Path(os.path.realpath(tmp_path))
+    (save_dir / common.METRICS_FILE).write_text('{"step": 7}\n')  # the rows logged so far go to disk with it
     prompts = tasks.PromptStream([{"prompt": "1+1=", "answer": 2}], 0)
     path = common.save_training_state(save_dir, 7, "grpo.py", tokenizer, {"policy": model},
                                       {"policy": torch.optim.AdamW(model.parameters())}, prompts)
     tmp = str(save_dir / "step_7.tmp")
-    written = [tmp] + [tmp + str(p)[len(str(path)):] for p in path.rglob("*")]
+    files = [tmp + str(p)[len(str(path)):] for p in path.rglob("*")]
     renamed = events.index(("rename", tmp))
-    assert len(written) > 3 and sorted(p for _, p in events[:renamed]) == sorted(written)
+    flushed = [p for _, p in events[:renamed]]
+    assert len(files) > 3 and sorted(flushed) == sorted(files + [tmp, str(save_dir / common.METRICS_FILE)])
+    assert flushed.index(tmp) > max(map(flushed.index, files))  # the folder after the files it lists
     assert events[renamed + 1 :] == [("fsync", str(save_dir))]
+
+
+def test_a_run_that_died_before_its_first_checkpoint_leaves_a_folder_to_remove(tmp_path):
+    (tmp_path / common.METRICS_FILE).write_text('{"step": 0}\n')  # nothing to resume: appending would mix two runs
+    with pytest.raises(common.UserError, match=re.escape(f"--save-dir {tmp_path}: holds the metrics.jsonl of a run"
+                                                         " with no checkpoint to continue; remove it")):
+        train("grpo.py", tmp_path)
 
 
 def test_keep_last_and_a_save_that_dies_halfway(tmp_path, monkeypatch):
@@ -388,7 +398,7 @@ def test_resume_at_the_last_step_is_a_user_error(tmp_path, grpo_checkpoint):
     check_bad_input("grpo.py", flags, "--num-steps 1", tmp_path)
 
 
-def test_a_refused_resume_changes_nothing_and_a_cut_last_metrics_line_is_dropped(tmp_path):
+def test_a_refused_resume_changes_nothing_and_a_cut_last_metrics_line_is_dropped(tmp_path, grpo_checkpoint):
     run_dir = tmp_path / "run"
     train("grpo.py", run_dir, num_steps=4, save_every=2, keep_last=0)  # step_2, step_4; metrics rows 0 to 4
     log = run_dir / common.METRICS_FILE
@@ -399,8 +409,10 @@ def test_a_refused_resume_changes_nothing_and_a_cut_last_metrics_line_is_dropped
         ({"resume": str(run_dir), "num_steps": 6, "task": "countdown"}, "a task of 40000 training rows"),
         # the checkpoint's learning rate (the tiny preset's 5e-4) would silently win over the flag
         ({"resume": str(run_dir), "num_steps": 6, "learning_rate": 1e-3},
-         "its policy optimizer has lr 0.0005, this run sets 0.001: pass the original run's flags"),
-        ({"num_steps": 6}, "holds another run (step_4, metrics.jsonl); continue it with --resume"),  # not resuming
+         f"--learning-rate 0.001: the run resumed from {run_dir / 'step_4'} was trained with 0.0005"),
+        ({"num_steps": 6}, "holds another run's step_4; continue it with --resume"),  # a new run, not resuming
+        # resuming another run's checkpoint into this folder would cut and append to its metrics and prune its steps
+        ({"resume": str(grpo_checkpoint), "num_steps": 6}, "holds another run's step_4; continue it with --resume"),
     ]
     for fields, message in refused:
         with pytest.raises(common.UserError, match=re.escape(message)):
