@@ -362,7 +362,8 @@ def save_training_state(save_dir, step: int, script: str, tokenizer, models: dic
     path = Path(save_dir) / f"step_{step}"
     if rank() == 0:
         tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-        shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in Path(save_dir).glob("step_*.tmp"):  # this one, and any an earlier kill during a save left
+            shutil.rmtree(leftover, ignore_errors=True)
         try:
             for name, model in models.items():
                 model.save_pretrained(tmp if name == "policy" else tmp / name, state_dict=model_states[name])

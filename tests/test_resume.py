@@ -346,6 +346,14 @@ def test_keep_last_and_a_save_that_dies_halfway(tmp_path, monkeypatch):
         train("grpo.py", tmp_path / "two", num_steps=5, resume=str(tmp_path / "two"), save_every=1, keep_last=2)
     assert sorted(p.name for p in (tmp_path / "two").glob("step_*")) == ["step_3", "step_4"]
 
+    # a half-written folder of another step (a kill during an earlier save) goes with the next save, not only when
+    # that step is saved again
+    monkeypatch.undo()
+    (tmp_path / "two" / "step_9.tmp").mkdir()
+    (tmp_path / "two" / "step_9.tmp" / "model.safetensors").write_bytes(b"cut short")
+    train("grpo.py", tmp_path / "two", num_steps=5, resume=str(tmp_path / "two"), save_every=1, keep_last=2)
+    assert sorted(p.name for p in (tmp_path / "two").glob("step_*")) == ["step_4", "step_5"]
+
 
 @pytest.fixture(scope="module")
 def grpo_checkpoint(tmp_path_factory):
