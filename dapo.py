@@ -166,7 +166,7 @@ def filter_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 def compute_policy_loss(logp, old_logp, advantages, mask, clip_eps_low: float, clip_eps_high: float, num_tokens):
     """DAPO objective, eq. 8, as a loss (clip-higher, token-mean, no KL); returns it and detached metrics, all divided
     by num_tokens, the minibatch's token count, so micro-batches add up. logp, old_logp, mask: (B, T); adv.: (B,)."""
-    ratio = torch.exp(logp - old_logp)
+    ratio = torch.exp((logp - old_logp) * mask)  # 1 past EOS, whatever the padding holds: exp() stays finite
     adv = advantages[:, None]
     # clip-higher (DAPO section 3.1): 1 - eps_low below, 1 + eps_high above
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high) * adv)
@@ -177,7 +177,7 @@ def compute_policy_loss(logp, old_logp, advantages, mask, clip_eps_low: float, c
 
     with torch.no_grad():
         clipped = ((ratio > 1 + clip_eps_high) & (adv > 0)) | ((ratio < 1 - clip_eps_low) & (adv < 0))
-        log_ratio = logp - old_logp
+        log_ratio = (logp - old_logp) * mask
         metrics = {
             "loss/policy": loss.detach(),
             "policy/clip_frac": (clipped.float() * mask).sum() / num_tokens,

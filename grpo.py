@@ -135,7 +135,7 @@ def compute_advantages(rewards: torch.Tensor, group_size: int, eps: float) -> to
 def compute_policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float, beta: float):
     """GRPO objective, DeepSeekMath eq. 3 (clipped surrogate) with the k3 KL of eq. 4, as a loss; returns it and
     detached metrics. logp, old_logp, ref_logp, mask: (B, T) over completion tokens; advantages: (B,)."""
-    ratio = torch.exp(logp - old_logp)
+    ratio = torch.exp((logp - old_logp) * mask)  # 1 past EOS, whatever the padding holds: exp() stays finite
     adv = advantages[:, None]
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
     per_token = -surrogate
@@ -151,7 +151,7 @@ def compute_policy_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: fl
     with torch.no_grad():
         tokens = mask.sum().clamp(min=1)
         clipped = ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
-        log_ratio = logp - old_logp
+        log_ratio = (logp - old_logp) * mask
         metrics = {
             "loss/policy": loss.detach(),
             "policy/clip_frac": (clipped.float() * mask).sum() / tokens,

@@ -153,7 +153,7 @@ def compute_policy_loss(logp, old_logp, advantages, mask, clip_eps_low: float, c
         tokens = mask.sum().clamp(min=1)
         # completions clipped, not tokens: GSPO clips whole responses (section 5.2)
         clipped = ((ratio > 1 + clip_eps_high) & (advantages > 0)) | ((ratio < 1 - clip_eps_low) & (advantages < 0))
-        log_ratio = logp - old_logp
+        log_ratio = (logp - old_logp) * mask
         metrics = {
             "loss/policy": loss.detach(),
             "policy/clip_frac": clipped.float().mean(),

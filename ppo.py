@@ -188,7 +188,7 @@ def compute_policy_loss(logp, old_logp, advantages, mask, clip_eps: float, num_t
     logp, old_logp, advantages, mask: (B, T) over completion tokens; num_tokens: the minibatch's token count.
     Returns the loss (a scalar) and a dict of detached metrics (token means over this batch's own tokens).
     """
-    ratio = torch.exp(logp - old_logp)
+    ratio = torch.exp((logp - old_logp) * mask)  # 1 past EOS, whatever the padding holds: exp() stays finite
     adv = advantages
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
     per_token = -surrogate
@@ -198,7 +198,7 @@ def compute_policy_loss(logp, old_logp, advantages, mask, clip_eps: float, num_t
     with torch.no_grad():
         tokens = mask.sum().clamp(min=1)
         clipped = ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
-        log_ratio = logp - old_logp
+        log_ratio = (logp - old_logp) * mask
         metrics = {
             "loss/policy": (per_token * mask).sum() / tokens,
             "policy/clip_frac": (clipped.float() * mask).sum() / tokens,

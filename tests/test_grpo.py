@@ -10,6 +10,7 @@ import dapo
 import gfpo
 import grpo
 import gspo
+import ppo
 
 
 # dapo.py and gspo.py carry grpo.py's compute_advantages line for line: the same cases hold for all three
@@ -112,6 +113,28 @@ def test_policy_loss_k3_term_ignores_padding_past_eos(loss_fn):
     loss, grad, _ = loss_grad_metrics(loss_fn, logp, logp.clone(), ref, torch.zeros(1), torch.tensor([[1.0, 0.0]]))
     assert loss == pytest.approx(0.0306853)
     torch.testing.assert_close(grad, torch.tensor([[-0.1, 0.0]]))
+
+
+@pytest.mark.parametrize("loss_fn", [
+    lambda logp, old, adv, mask: grpo.compute_policy_loss(logp, old, None, adv, mask, 0.2, 0.0),
+    lambda logp, old, adv, mask: dapo.compute_policy_loss(logp, old, adv, mask, 0.2, 0.28, 1),
+    lambda logp, old, adv, mask: gspo.compute_policy_loss(logp, old, adv, mask, 3e-4, 4e-4),
+    lambda logp, old, adv, mask: gfpo.compute_policy_loss(logp, old, None, adv, mask, 0.2, 0.0, 1),
+    lambda logp, old, adv, mask: ppo.compute_policy_loss(logp, old, adv[:, None] * mask, mask, 0.2, 1),
+], ids=["grpo", "dapo", "gspo", "gfpo", "ppo"])
+def test_policy_loss_ignores_ratio_past_eos(loss_fn):
+    # one sequence, 1 valid token with ratio 1 and A = 1, then one past EOS (A = 0 there for ppo):
+    #   valid token: -min(1 * 1, clip(1) * 1) = -1 over 1 token (1 sequence for gspo) -> loss -1
+    #   d loss / d logp = -ratio * A = -1 on it; its k3 of (pi_old || pi), exp(0) - 0 - 1 = 0
+    #   past EOS: old_logp -100 (a pad token the sampler never drew) and logp 0 after some updates, where
+    #   exp(0 - (-100)) = 2.7e43 overflows fp32 to inf and inf * mask 0 would make the loss, gradient and
+    #   approx_kl NaN: it must count for 0 in all three
+    mask = torch.tensor([[1.0, 0.0]])
+    loss, grad, metrics = loss_grad_metrics(loss_fn, torch.tensor([[-1.0, 0.0]]), torch.tensor([[-1.0, -100.0]]),
+                                            torch.ones(1), mask)
+    assert loss == pytest.approx(-1.0)
+    torch.testing.assert_close(grad, torch.tensor([[-1.0, 0.0]]))
+    assert metrics["policy/approx_kl"].item() == 0.0
 
 
 def test_policy_loss_seq_mean_token_mean_on_unequal_lengths():
