@@ -665,7 +665,10 @@ def per_micro_batch(fn: Callable[[Rollout], torch.Tensor], rollout: Rollout, mic
 @torch.no_grad()
 def rollout_logprobs(model, rollout: Rollout, temperature: float, micro_batch_size: int) -> torch.Tensor:
     """completion_logprobs of a whole rollout, without gradients, `micro_batch_size` rows per forward: (B, T)."""
-    return per_micro_batch(lambda part: completion_logprobs(model, part, temperature)[0], rollout, micro_batch_size)
+    logp = per_micro_batch(lambda part: completion_logprobs(model, part, temperature)[0], rollout, micro_batch_size)
+    if is_sharded(model):  # FSDP2 keeps the root gathered for a backward, which a frozen reference never runs
+        model.reshard()
+    return logp
 
 
 def decode_completions(tokenizer, rollout: Rollout) -> list[str]:

@@ -74,6 +74,8 @@ def check_sharding(tokenizer):
     logp, _ = common.completion_logprobs(model, rollout, 1.0)
     (logp * rollout.completion_mask).sum().backward()
     assert_never_whole(model)
+    common.rollout_logprobs(model, rollout, 1.0, 4)  # no backward follows, as for the reference model
+    assert_never_whole(model)
     print(f"ok sharding ({len(calls)} all-gathers for {rollout.completion_ids.shape[1]} tokens)")
 
 
