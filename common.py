@@ -580,7 +580,7 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_toke
         logits = logits[:, -1].float().repeat_interleave(group_size, dim=0)
         mask = enc.attention_mask.repeat_interleave(group_size, dim=0)
         position = positions[:, -1:].repeat_interleave(group_size, dim=0)
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             if greedy:
                 token = logits.argmax(dim=-1)
             else:
@@ -593,7 +593,8 @@ def generate(model, tokenizer, prompts: list[str], group_size: int, max_new_toke
                 token = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
             tokens.append(token.masked_fill(ended, tokenizer.pad_token_id))
             ended |= torch.isin(tokens[-1], eos)
-            if min_over_processes(int(ended.all()), device):  # a host sync per token; processes stop together
+            # the last token needs no forward after it; else a host sync per token, and processes stop together
+            if i == max_new_tokens - 1 or min_over_processes(int(ended.all()), device):
                 break
             mask, position = torch.cat([mask, mask.new_ones(B, 1)], dim=1), position + 1
             logits = forward(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=position).logits

@@ -75,6 +75,22 @@ def test_positions_skip_the_left_padding(tiny):
     assert seen == [[[0, 0, 0, 1, 2, 3, *range(4, 3 + T)]] * 2 + [[*range(5 + T)]] * 2]
 
 
+def test_a_rollout_that_reaches_the_budget_runs_one_forward_per_token(tiny):
+    # greedy, with an EOS the model never writes (<unk>): every row runs to max_new_tokens = 3, and 3 tokens take
+    # 3 forwards: the prefill gives token 1, decoding steps at positions 4, 4 | 6, 6 and 5, 5 | 7, 7 tokens 2 and 3;
+    # a forward after token 3 (at 6, 6 | 8, 8) would compute logits nothing reads
+    model, tokenizer, _ = tiny
+    seen = []
+    hook = model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["position_ids"].tolist()), with_kwargs=True)
+    try:
+        rollout = common.generate(model, tokenizer, ["1+2=", "13+45="], 2, 3, 1.0, [tokenizer.unk_token_id], True)
+    finally:
+        hook.remove()
+    assert rollout.completion_ids.shape[1] == 3 and bool(rollout.truncated.all())
+    assert seen[1:] == [[[4], [4], [6], [6]], [[5], [5], [7], [7]]]
+
+
 def naive_logprobs(model, rollout, temperature):
     """The straightforward computation: the model's full (B, P + T, vocab) logits, log-softmax, gather."""
     position_ids = (rollout.attention_mask.cumsum(1) - 1).clamp(min=0)
