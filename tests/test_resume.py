@@ -203,10 +203,11 @@ def test_evaluation_runs_at_step_0_and_every_eval_every_steps(tmp_path):
 def test_dapo_trains_on_task_reward_plus_overlong_penalty_and_masks_truncated_rows(tmp_path, monkeypatch):
     # --max-new-tokens 8 with --overlong-buffer 8: the penalty starts at 0 tokens, so a completion of L tokens
     # (1..8) gets (0 - L)/8 = -L/8 added to its +-1: every reward the advantages see is +-1 - L/8, never +-1 itself.
+    # Each reward belongs to its own row after the groups are kept and cut: reward + L/8 = +-1 with that row's L.
     # With --mask-truncated the completions that hit the limit leave the loss: a mask of zeros, the others whole
     import dapo
 
-    seen, advantages, accumulate = [], dapo.compute_advantages, dapo.accumulate_gradients
+    seen, truncated_seen, advantages, accumulate = [], [], dapo.compute_advantages, dapo.accumulate_gradients
 
     def recorded_advantages(rewards, *args):
         seen.append(rewards)
@@ -214,8 +215,10 @@ def test_dapo_trains_on_task_reward_plus_overlong_penalty_and_masks_truncated_ro
 
     def masked_rows(model, rollout, *args):
         mask, truncated = rollout.completion_mask, rollout.truncated
+        torch.testing.assert_close((seen[-1] + rollout.lengths / 8).abs(), torch.ones(len(truncated)))
         assert torch.equal(mask.sum(1) == 0, truncated) and not truncated.all()
         assert torch.equal(mask.sum(1)[~truncated], rollout.lengths[~truncated].to(mask.dtype))
+        truncated_seen.append(truncated.any())
         return accumulate(model, rollout, *args)
 
     monkeypatch.setattr(dapo, "compute_advantages", recorded_advantages)
@@ -224,6 +227,7 @@ def test_dapo_trains_on_task_reward_plus_overlong_penalty_and_masks_truncated_ro
     allowed = torch.tensor([sign - length / 8 for sign in (1, -1) for length in range(1, 9)])
     rewards = torch.cat(seen)
     assert len(rewards) and (rewards[:, None] - allowed).abs().min(dim=1).values.max() < 1e-6
+    assert any(truncated_seen)  # some row to mask was there
 
 
 def test_skipped_steps_apart_do_not_stop_the_run_and_their_count_survives_a_resume(tmp_path, monkeypatch):
