@@ -151,7 +151,7 @@ def compute_policy_loss(logp, old_logp, advantages, mask, clip_eps_low: float, c
 
     with torch.no_grad():
         tokens = mask.sum().clamp(min=1)
-        # completions clipped, not tokens: GSPO clips whole responses (section 5.2)
+        # completions clipped, not tokens: GSPO clips whole responses (section 5.2 counts their tokens instead)
         clipped = ((ratio > 1 + clip_eps_high) & (advantages > 0)) | ((ratio < 1 - clip_eps_low) & (advantages < 0))
         log_ratio = (logp - old_logp) * mask
         metrics = {
