@@ -25,7 +25,7 @@ from common import UserError, check
 
 # Rewards -----------------------------------------------------------------------------------------------------------
 
-ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+ANSWER_TAG = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)  # holds no <answer>: linear scan
 MAX_EXPRESSION_CHARS = 200
 MAX_ABS_VALUE = 10**9
 OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -48,10 +48,11 @@ def parse_number(text: str) -> Optional[Fraction]:
 
 
 def numeric_answer(text: str) -> Optional[Fraction]:
-    """The number in the answer tag, or else the tag's last word that is a number ("The answer is 18." gives 18;
-    "1/2", ".5" or "1e3" give nothing rather than a wrong part of them). Numbers outside the tag never count."""
+    """The number in the answer tag, or else the tag's last word that is a number ("The answer is 18." and "(18)."
+    give 18, "50%" 50; "1/2", ".5" or "1e3" give nothing rather than a wrong part of them). Numbers outside the tag
+    never count."""
     inside = extract_answer_tag(text)
-    words = [] if inside is None else [inside] + [w.strip(",;:!?()") for w in reversed(inside.split())]
+    words = [] if inside is None else [inside] + [w.rstrip(".").strip(",;:!?()%") for w in reversed(inside.split())]
     return next((value for value in map(parse_number, words) if value is not None), None)
 
 
@@ -254,8 +255,12 @@ def read_jsonl(path: str, task: str, keys: tuple[str, ...], valid=lambda row: Tr
     """The rows of a jsonl file, each a dict holding `keys` (blank lines skipped) for which `valid` holds (else the
     error says the line's 'answer' needs `wanted`); bad input is a UserError."""
     check(Path(path).is_file(), f"--task {task}:{path}: file not found")
+    try:
+        f = open(path, "rb")
+    except OSError as e:  # no permission to read it, say
+        raise UserError(f"--task {task}:{path}: cannot read it ({common._first_line(e)})")
     rows = []
-    with open(path, "rb") as f:
+    with f:
         for number, raw in enumerate(f, 1):
             try:  # utf-8-sig: a byte-order mark at the start of the file is not part of the JSON
                 row = json.loads(raw.decode("utf-8-sig")) if raw.strip() else None
@@ -286,7 +291,7 @@ def split_rows(rows: list[dict], name: str) -> tuple[list[dict], list[dict]]:
 
 def jsonl_task(path: str) -> Task:
     """Your own rows {"prompt": ..., "answer": ...}; a fixed 10% (at least one row) is held out."""
-    rows = read_jsonl(path, "jsonl", ("prompt", "answer"), wanted="to be text or a number",
+    rows = read_jsonl(path, "jsonl", ("prompt", "answer"), wanted="to be non-empty text or a number",
                       valid=lambda r: type(r["answer"]) in (str, int, float) and str(r["answer"]).strip() != "")
     rows = [{"prompt": str(r["prompt"]), "answer": str(r["answer"])} for r in rows]
     train, held_out = split_rows(rows, f"jsonl:{path}")

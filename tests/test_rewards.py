@@ -129,6 +129,8 @@ def test_countdown_reward(completion, answer, expected):
     ("The answer is 18", "18", 0.0),                        # no tag: no fallback
     ("18 <answer>I do not know</answer>", "18", 0.0),       # numbers outside the tag never count
     ("<answer>5</answer> wait, <answer>18</answer>", "18", 1.0),
+    ("<answer>5 wait, <answer>18</answer>", "18", 1.0),    # an unclosed tag is not part of the last one
+    ("<answer>The total is (18).</answer>", "18", 1.0), ("<answer>50%</answer>", "50", 1.0),
     ("<answer>18</answer> wait, <answer>5</answer>", "18", 0.0),
     ("<answer>18.0</answer>", "18", 1.0),                   # exact: 18.0 == 18
     ("<answer>18.5</answer>", "18", 0.0),                   # exact: no rounding
@@ -151,6 +153,15 @@ def test_numeric_reward(completion, reference, expected):
 ])
 def test_numeric_answer(completion, expected):
     assert numeric_answer(completion) == expected
+
+
+def test_answer_tags_are_found_in_linear_time():
+    # 20,000 unclosed tags (160,000 characters, a looping policy at a long budget): a tag that may span others
+    # would be searched for from each of them to the end, 20,000 x 80,000 characters on average; one that holds no
+    # <answer> stops at the next, 8 characters on
+    start = time.perf_counter()
+    assert numeric_reward("<answer>" * 20000, "18") == 0.0
+    assert time.perf_counter() - start < 1.0
 
 
 def test_gsm8k_reference():
@@ -196,8 +207,9 @@ GOOD = json.dumps({"prompt": "q", "answer": "a"})
     ([GOOD], "at least 2 rows"),
     ([GOOD, json.dumps({"prompt": None, "answer": "a"})], "line 2's 'prompt' needs to be non-empty text"),  # not "None"
     ([json.dumps({"prompt": " ", "answer": "a"}), GOOD], "line 1's 'prompt' needs to be non-empty text"),
-    ([GOOD, json.dumps({"prompt": "q", "answer": [1, 2]})], "line 2's 'answer' needs to be text or a number"),
-    ([GOOD, json.dumps({"prompt": "q", "answer": True})], "line 2's 'answer' needs to be text or a number"),
+    ([GOOD, json.dumps({"prompt": "q", "answer": [1, 2]})], "line 2's 'answer' needs to be non-empty text or a number"),
+    ([GOOD, json.dumps({"prompt": "q", "answer": True})], "line 2's 'answer' needs to be non-empty text or a number"),
+    ([GOOD, json.dumps({"prompt": "q", "answer": " "})], "line 2's 'answer' needs to be non-empty text or a number"),
 ])
 def test_jsonl_errors(tmp_path, lines, message):
     with pytest.raises(UserError, match=message):
@@ -210,6 +222,27 @@ def test_jsonl_undecodable_is_user_error(tmp_path, content):
     (tmp_path / "d.jsonl").write_bytes(content)
     with pytest.raises(UserError, match="line"):
         load_task(f"jsonl:{tmp_path / 'd.jsonl'}")
+
+
+def test_jsonl_that_cannot_be_read_is_user_error(tmp_path, monkeypatch):
+    # the tests run as root, whom chmod does not stop: opening the file raises as it would for another user
+    name, path, real_open = write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD]), str(tmp_path / "d.jsonl"), open
+
+    def denied(file, *args, **kwargs):
+        if str(file) == path:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", denied)
+    with pytest.raises(UserError, match="d.jsonl: cannot read it"):
+        load_task(name)
+
+
+def test_jsonl_split_is_the_same_on_every_load(tmp_path):
+    # a resumed run must hold out the same rows as the run it continues: 100 rows, 10 held out, twice
+    name = write_jsonl(tmp_path / "d.jsonl", [json.dumps({"prompt": f"q{i}", "answer": i}) for i in range(100)])
+    first, second = load_task(name), load_task(name)
+    assert len(first.eval) == 10 and first.eval == second.eval and first.train == second.train
 
 
 def test_jsonl_with_a_byte_order_mark(tmp_path):
