@@ -272,6 +272,35 @@ def test_dapo_trains_on_the_whole_groups_that_survive_its_filter(tmp_path, monke
     assert checked
 
 
+def test_gfpo_adaptive_k_trains_the_rows_it_keeps_and_its_history_survives_a_resume(tmp_path, monkeypatch):
+    # 4 prompts a step and a warm-up of 4 x 4 = 16 difficulties: steps 1-3 keep k = 8, from step 4 (16 in the
+    # history) k is 8, 6 or 4 per prompt. Each step trains on exactly the rows kept, 4 x gfpo/retained_k of them;
+    # a run resumed at step 3 must read the 12 difficulties back, or its step 4 would still keep k = 8
+    flags = dict(adaptive_k=True, num_minibatches=2, micro_batch_size=4)
+    rows, completion_logprobs, log_metrics = [0], common.completion_logprobs, common.log_metrics
+
+    def counted(model, rollout, *args, **kwargs):
+        rows[-1] += len(rollout.lengths) if torch.is_grad_enabled() else 0
+        return completion_logprobs(model, rollout, *args, **kwargs)
+
+    def next_step(save_dir, step, logged, *args):
+        rows.append(0)
+        return log_metrics(save_dir, step, logged, *args)
+
+    monkeypatch.setattr(common, "completion_logprobs", counted)
+    monkeypatch.setattr(common, "log_metrics", next_step)
+    want = train("gfpo.py", tmp_path / "unbroken", num_steps=6, save_every=3, **flags)
+    assert rows[1:7] == [round(4 * want[step]["gfpo/retained_k"]) for step in range(1, 7)]
+    assert [want[step]["gfpo/retained_k"] for step in (1, 2, 3)] == [8, 8, 8]
+    assert any(want[step]["gfpo/retained_k"] != 8 for step in (4, 5, 6))  # else the resume below proves nothing
+    monkeypatch.undo()
+    train("gfpo.py", tmp_path / "resumed", num_steps=3, save_every=3, **flags)
+    got = train("gfpo.py", tmp_path / "resumed", num_steps=6, save_every=3, resume=str(tmp_path / "resumed" / "step_3"),
+                **flags)
+    for step in range(4, 7):
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+
+
 def test_non_finite_weights_are_never_saved(tiny, tmp_path):
     model, tokenizer, _ = tiny
     broken = common.load_model("tiny", torch.device("cpu"))
