@@ -52,23 +52,27 @@ def test_rows_that_end_early_are_padded_and_the_others_run_on(tiny):
     assert rollout.completion_mask.sum(dim=1).tolist() == [5, 25]
 
 
+def positions_seen(model, fn):
+    """fn's result, and the position ids of every forward of the backbone while it ran."""
+    seen = []
+    hook = model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["position_ids"].tolist()), with_kwargs=True)
+    try:
+        return fn(), seen
+    finally:
+        hook.remove()
+
+
 def test_positions_skip_the_left_padding(tiny):
     # the position ids the backbone sees (RoPE would not notice a shift; an absolute-position model would):
     # "1+2=" (2 pads on the left) and "13+45=": prefill [0 0 0 1 2 3] and [0 1 2 3 4 5]; the first decoding step
     # of groups of 2 at 4, 4 | 6, 6; the training forward the prompt's, then 4, 5, .. | 6, 7, .. per completion token
     model, tokenizer, eos = tiny
-    seen = []
-    hook = model.base_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["position_ids"].tolist()), with_kwargs=True)
-    try:
-        torch.manual_seed(0)
-        rollout = common.generate(model, tokenizer, ["1+2=", "13+45="], 2, 3, 1.0, eos)
-        in_generate = list(seen)
-        seen.clear()
-        with torch.no_grad():
-            common.completion_logprobs(model, rollout, 1.0)
-    finally:
-        hook.remove()
+    torch.manual_seed(0)
+    rollout, in_generate = positions_seen(model, lambda: common.generate(model, tokenizer, ["1+2=", "13+45="], 2, 3,
+                                                                         1.0, eos))
+    with torch.no_grad():
+        _, seen = positions_seen(model, lambda: common.completion_logprobs(model, rollout, 1.0))
     assert in_generate[0] == [[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]
     assert len(in_generate) > 1 and in_generate[1] == [[4], [4], [6], [6]]
     T = rollout.completion_ids.shape[1]  # the training forward reads all but the last completion token
@@ -80,13 +84,8 @@ def test_a_rollout_that_reaches_the_budget_runs_one_forward_per_token(tiny):
     # 3 forwards: the prefill gives token 1, decoding steps at positions 4, 4 | 6, 6 and 5, 5 | 7, 7 tokens 2 and 3;
     # a forward after token 3 (at 6, 6 | 8, 8) would compute logits nothing reads
     model, tokenizer, _ = tiny
-    seen = []
-    hook = model.base_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["position_ids"].tolist()), with_kwargs=True)
-    try:
-        rollout = common.generate(model, tokenizer, ["1+2=", "13+45="], 2, 3, 1.0, [tokenizer.unk_token_id], True)
-    finally:
-        hook.remove()
+    rollout, seen = positions_seen(model, lambda: common.generate(model, tokenizer, ["1+2=", "13+45="], 2, 3, 1.0,
+                                                                  [tokenizer.unk_token_id], True))
     assert rollout.completion_ids.shape[1] == 3 and bool(rollout.truncated.all())
     assert seen[1:] == [[[4], [4], [6], [6]], [[5], [5], [7], [7]]]
 
