@@ -304,8 +304,8 @@ TASKS = "arithmetic, countdown, gsm8k, gsm8k:PATH, jsonl:PATH"
 def load_task(name: str) -> Task:
     if name in ("arithmetic", "countdown"):
         return arithmetic_task() if name == "arithmetic" else countdown_task()
-    if name == "gsm8k" or name.startswith("gsm8k:"):
-        return gsm8k_task(name[len("gsm8k:") :] or None)
+    if name == "gsm8k" or name.startswith("gsm8k:"):  # `gsm8k:` with an empty path is a missing file, not the hub
+        return gsm8k_task(name[len("gsm8k:") :] if name != "gsm8k" else None)
     if name.startswith("jsonl:"):
         return jsonl_task(name[len("jsonl:") :])
     raise UserError(f"--task {name}: unknown task; choose one of {TASKS}")

@@ -274,6 +274,9 @@ def test_jsonl_missing_file_and_unknown_task(tmp_path):
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(UserError, match=re.escape(str(missing))):
         load_task(f"jsonl:{missing}")
+    for name in ["gsm8k:", "jsonl:"]:  # an empty path (`gsm8k:$UNSET`) is a missing file, never the hub dataset
+        with pytest.raises(UserError, match=re.escape(f"--task {name}: file not found")):
+            load_task(name)
     for name in ["nope", "jsonl", "Arithmetic"]:
         with pytest.raises(UserError, match="unknown task"):
             load_task(name)
