@@ -115,13 +115,32 @@ def test_policy_loss_k3_term_ignores_padding_past_eos(loss_fn):
     torch.testing.assert_close(grad, torch.tensor([[-0.1, 0.0]]))
 
 
-@pytest.mark.parametrize("loss_fn", [
+# each script's compute_policy_loss(logp, old_logp, advantages (B,), mask), no KL, its own clip range, the token
+# count (num_tokens) of the mask
+EVERY_POLICY_LOSS = pytest.mark.parametrize("loss_fn", [
     lambda logp, old, adv, mask: grpo.compute_policy_loss(logp, old, None, adv, mask, 0.2, 0.0),
-    lambda logp, old, adv, mask: dapo.compute_policy_loss(logp, old, adv, mask, 0.2, 0.28, 1),
+    lambda logp, old, adv, mask: dapo.compute_policy_loss(logp, old, adv, mask, 0.2, 0.28, mask.sum()),
     lambda logp, old, adv, mask: gspo.compute_policy_loss(logp, old, adv, mask, 3e-4, 4e-4),
-    lambda logp, old, adv, mask: gfpo.compute_policy_loss(logp, old, None, adv, mask, 0.2, 0.0, 1),
-    lambda logp, old, adv, mask: ppo.compute_policy_loss(logp, old, adv[:, None] * mask, mask, 0.2, 1),
+    lambda logp, old, adv, mask: gfpo.compute_policy_loss(logp, old, None, adv, mask, 0.2, 0.0, mask.sum()),
+    lambda logp, old, adv, mask: ppo.compute_policy_loss(logp, old, adv[:, None] * mask, mask, 0.2, mask.sum()),
 ], ids=["grpo", "dapo", "gspo", "gfpo", "ppo"])
+
+
+@EVERY_POLICY_LOSS
+def test_clip_frac_counts_what_the_clip_cut_for_each_sign_of_the_advantage(loss_fn):
+    # three one-token sequences (so GSPO's sequence ratio is the token's), every script's clip range inside
+    # 0.8..1.28 of 1 (GSPO's 1 - 3e-4 .. 1 + 4e-4 too):
+    #   ratio 0.5, A=-1: min(-0.5, -clip(0.5)) takes the clipped -0.8..: clipped, counted
+    #   ratio 1.5, A=+1: min(1.5, clip(1.5)) takes the clipped 1.2..: clipped, counted
+    #   ratio 1.0, A=+1: inside the range: not counted
+    # clip_frac 2/3; counting ratio < 1 - eps with A > 0 or ratio > 1 + eps with A < 0 instead would give 1/3
+    logp = torch.log(torch.tensor([[0.5], [1.5], [1.0]]))
+    _, _, metrics = loss_grad_metrics(loss_fn, logp, torch.zeros(3, 1), torch.tensor([-1.0, 1.0, 1.0]),
+                                      torch.ones(3, 1))
+    assert metrics["policy/clip_frac"].item() == pytest.approx(2 / 3)
+
+
+@EVERY_POLICY_LOSS
 def test_policy_loss_ignores_ratio_past_eos(loss_fn):
     # one sequence, 1 valid token with ratio 1 and A = 1, then one past EOS (A = 0 there for ppo):
     #   valid token: -min(1 * 1, clip(1) * 1) = -1 over 1 token (1 sequence for gspo) -> loss -1
