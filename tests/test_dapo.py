@@ -221,14 +221,15 @@ def test_dynamic_sampling_trains_on_at_most_num_prompts_groups(args, fewer, tmp_
 
 
 def test_no_surviving_group_skips_the_update(tmp_path):
-    # jsonl rows whose answer needs "<answer>never</answer>": 4 new tokens can never write it, so every
-    # reward is 0, every group is dropped, and each step skips its update after 2 rounds x 2 prompts = 4 groups
+    # jsonl rows whose answer needs "<answer>never</answer>", 22 characters, so 22 tokens of the character tokenizer:
+    # 16 new tokens can never write it, so every reward is 0, every group is dropped, and each step skips its update
+    # after 2 rounds x 2 prompts = 4 groups
     rows = [{"prompt": f"{a}+1=", "answer": "never"} for a in range(3)]  # 1 row held out, 2 trained on
     data = write(tmp_path / "never.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     result = run(
         "dapo.py", "--task", f"jsonl:{data}", "--num-steps", "2", "--num-prompts", "2", "--group-size", "2",
         "--max-gen-batches", "2", "--eval-every", "1", "--save-dir", str(tmp_path / "ckpt"), "--save-every", "1",
-        cwd=tmp_path,
+        "--max-new-tokens", "16", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     for step in (1, 2):

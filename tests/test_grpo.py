@@ -45,9 +45,11 @@ def test_advantages_two_groups_different_spread(script):
 
 
 def loss_grad_metrics(loss_fn, logp, *args):
-    """Run a script's compute_policy_loss(logp, *args); return the loss value, d loss / d logp and the metrics."""
+    """Run a script's compute_policy_loss(logp, *args); return the loss value, d loss / d logp and the metrics (None
+    for a loss function that returns the loss only)."""
     logp = logp.clone().requires_grad_(True)
-    loss, metrics = loss_fn(logp, *args)
+    out = loss_fn(logp, *args)
+    loss, metrics = out if isinstance(out, tuple) else (out, None)
     loss.backward()
     return loss.item(), logp.grad, metrics
 

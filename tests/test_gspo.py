@@ -8,7 +8,7 @@ import torch
 import gspo
 from test_grpo import loss_and_grad as grpo_loss_and_grad
 from test_grpo import assert_micro_batches_add_up, assert_on_policy_shortcut_equals_the_old_logprob_pass
-from test_grpo import off_policy_logprobs
+from test_grpo import loss_grad_metrics, off_policy_logprobs
 from test_grpo import tiny_rollout  # noqa: F401  (fixture: 3 prompts x 4 completions of the tiny model)
 from test_scripts import check_bad_input
 
@@ -30,11 +30,7 @@ def gspo_token_loss(logp, old_logp, advantages, mask, clip_eps_low, clip_eps_hig
 
 
 def loss_and_grad(logp, old_logp, adv, mask, eps=PAPER_EPS, loss_fn=gspo.compute_policy_loss):
-    logp = logp.clone().requires_grad_(True)
-    out = loss_fn(logp, old_logp, adv, mask, *eps)
-    loss, metrics = out if isinstance(out, tuple) else (out, None)  # gspo_token_loss returns the loss only
-    loss.backward()
-    return loss.item(), logp.grad, metrics
+    return loss_grad_metrics(loss_fn, logp, old_logp, adv, mask, *eps)  # gspo_token_loss returns the loss only
 
 
 # row 0: 3 valid tokens with log-ratios 0.3, -0.1, 0.1; row 1: 1 valid token with log-ratio -0.2, then two

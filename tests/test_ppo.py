@@ -103,6 +103,14 @@ def test_whiten_adds_its_epsilon_to_the_variance():
     torch.testing.assert_close(whitened, torch.tensor([[-0.408248, 0.408248]]), rtol=1e-4, atol=0)
 
 
+def test_whiten_a_single_valid_token_gives_zero():
+    # one valid value, 3 (the 100 is masked): mean 3, deviation 0; the unbiased variance 0 / (1 - 1) is taken as 0
+    # (denominator clamped to 1), so (3 - 3) / sqrt(0 + 1e-8) = 0, not 0 / 0 = NaN
+    x, mask = torch.tensor([[3.0, 100.0]]), torch.tensor([[1.0, 0.0]])
+    assert ppo.masked_var(x, mask).item() == 0.0
+    torch.testing.assert_close(ppo.whiten(x, mask), torch.tensor([[0.0, 0.0]]))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------------------------

@@ -140,7 +140,9 @@ def test_paper_preset_in_bf16_on_qwen_shapes(qwen_shape, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / common.METRICS_FILE).read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert all(math.isfinite(v) for r in rows for v in r.values())
-    assert rows[1]["loss/kl"] >= 0 and rows[2]["completion/mean_length"] > 0
+    # step 1's KL is taken before its update, between two copies of the initial weights: only bf16 rounding tells
+    # them apart, log-ratios of a few hundredths at most, and k3 = e^x - x - 1 is about x^2 / 2 < 1e-3 there
+    assert 0 <= rows[1]["loss/kl"] < 1e-3 and rows[2]["completion/mean_length"] > 0
     from transformers import AutoModelForCausalLM
 
     for dtype in (torch.bfloat16, torch.float32):
