@@ -63,7 +63,7 @@ class Args:
     max_gen_batches: int = 10
     """dynamic sampling: at most this many prompt batches are generated per step to find --num-prompts groups"""
     adv_eps: float = 1e-4
-    """added to the group std in the advantage denominator"""
+    """added to the group std in the advantage denominator; positive, so a group of equal rewards gets 0, not 0/0"""
     update_epochs: int = 1
     """passes over each rollout batch"""
     num_minibatches: common.FromPreset[int] = None
@@ -127,9 +127,9 @@ def validate_args(args: Args, world_size: int = 1):
     """Every flag in range; under torchrun the batch is split over `world_size` processes."""
     common.check_flags(args, dict(
         num_steps=1, num_prompts=1, group_size=2, max_new_tokens=1, update_epochs=1, logprob_chunk_size=1,
-        eval_batch_size=1, max_skipped=1, clip_eps_low=0, overlong_buffer=0, max_gen_batches=1, adv_eps=0,
+        eval_batch_size=1, max_skipped=1, clip_eps_low=0, overlong_buffer=0, max_gen_batches=1,
         eval_every=0, save_every=0, keep_last=0,
-    ), positive=("temperature", "learning_rate", "max_grad_norm"))
+    ), positive=("temperature", "learning_rate", "max_grad_norm", "adv_eps"))
     common.check(args.clip_eps_high >= args.clip_eps_low,
                  f"--clip-eps-high {args.clip_eps_high}: must be at least --clip-eps-low ({args.clip_eps_low})")
     common.check(args.overlong_buffer <= args.max_new_tokens,

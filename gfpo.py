@@ -65,7 +65,7 @@ class Args:
     ent_coef: float = 0.001
     """weight of the entropy bonus subtracted from the loss (the paper's 0.001; 0: off)"""
     adv_eps: float = 1e-4
-    """added to the group std in the advantage denominator"""
+    """added to the group std in the advantage denominator; positive, so a group of equal rewards gets 0, not 0/0"""
     update_epochs: int = 1
     """passes over each rollout batch"""
     num_minibatches: int = 1
@@ -126,8 +126,8 @@ def validate_args(args: Args, world_size: int = 1):
     """Every flag in range; under torchrun the batch is split over `world_size` processes."""
     common.check_flags(args, dict(
         num_steps=1, num_prompts=1, group_size=2, max_new_tokens=1, update_epochs=1, logprob_chunk_size=1, ent_coef=0,
-        eval_batch_size=1, max_skipped=1, beta=0, clip_eps=0, adv_eps=0, eval_every=0, save_every=0, keep_last=0,
-    ), positive=("temperature", "learning_rate", "max_grad_norm"))
+        eval_batch_size=1, max_skipped=1, beta=0, clip_eps=0, eval_every=0, save_every=0, keep_last=0,
+    ), positive=("temperature", "learning_rate", "max_grad_norm", "adv_eps"))
     common.check(args.metric in ("length", "token_efficiency"), f"--metric {args.metric}: length or token_efficiency")
     common.check(2 <= args.k < args.group_size,  # k = G is GRPO, k = 1 leaves nothing to compare
                  f"--k {args.k}: must be at least 2 and less than --group-size {args.group_size}")

@@ -56,7 +56,7 @@ class Args:
     clip_eps: float = 0.2
     """PPO clipping range, symmetric"""
     adv_eps: float = 1e-4
-    """added to the group std in the advantage denominator"""
+    """added to the group std in the advantage denominator; positive, so a group of equal rewards gets 0, not 0/0"""
     update_epochs: int = 1
     """passes over each rollout batch"""
     num_minibatches: int = 1
@@ -117,8 +117,8 @@ def validate_args(args: Args, world_size: int = 1):
     """Every flag in range; under torchrun the batch is split over `world_size` processes."""
     common.check_flags(args, dict(
         num_steps=1, num_prompts=1, group_size=2, max_new_tokens=1, update_epochs=1, logprob_chunk_size=1,
-        eval_batch_size=1, max_skipped=1, beta=0, clip_eps=0, adv_eps=0, eval_every=0, save_every=0, keep_last=0,
-    ), positive=("temperature", "learning_rate", "max_grad_norm"))
+        eval_batch_size=1, max_skipped=1, beta=0, clip_eps=0, eval_every=0, save_every=0, keep_last=0,
+    ), positive=("temperature", "learning_rate", "max_grad_norm", "adv_eps"))
     common.check_batches(args, args.group_size, "--group-size", world_size)
     common.check_save_dir(args)
 

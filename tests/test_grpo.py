@@ -11,6 +11,7 @@ import gfpo
 import grpo
 import gspo
 import ppo
+from test_scripts import check_bad_input
 
 
 # dapo.py and gspo.py carry grpo.py's compute_advantages line for line: the same cases hold for all three
@@ -26,6 +27,13 @@ def test_advantages_one_group(script, eps):
     adv = script.compute_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), group_size=4, eps=eps)
     d = 0.5 + eps
     torch.testing.assert_close(adv, torch.tensor([0.75 / d, -0.25 / d, -0.25 / d, -0.25 / d]))
+
+
+@pytest.mark.parametrize("script", ["grpo.py", "dapo.py", "gspo.py", "gfpo.py"])
+def test_adv_eps_must_be_positive(script, tmp_path):
+    # eps 0: a group whose rewards are all equal would give (r - mean) / (0 + 0) = 0 / 0 = NaN on every row, and the
+    # NaN loss would skip the whole batch's update, not only that group's
+    check_bad_input(script, ["--adv-eps", "0"], "--adv-eps 0.0: must be positive", tmp_path)
 
 
 @SAME_ADVANTAGES
