@@ -182,6 +182,8 @@ def _from_pretrained(cls, name: str, attn_implementation: str, **kwargs):
     kwargs["use_kernels"] = False
     try:
         return cls.from_pretrained(resolve_model_path(name), dtype=torch.float32, **kwargs)
+    except ImportError as e:  # flash_attention_2 or 3 without its package
+        raise UserError(f"--attn-implementation {attn_implementation}: not available here ({_first_line(e)})")
     except (OSError, ValueError) as e:
         raise UserError(f"--model {name}: cannot load a model from it ({_first_line(e)})")
 

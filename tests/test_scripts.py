@@ -1,5 +1,6 @@
 """The scripts as a user runs them: short end-to-end runs in a subprocess, and bad input."""
 
+import importlib.util
 import json
 import os
 import re
@@ -70,6 +71,12 @@ BAD_INPUT = [
     (["--micro-batch-size", "0"], "--micro-batch-size 0: must divide"),  # not a silent "the whole minibatch"
     (["--save-dir", "{bad_rows}"], "--save-dir {bad_rows}: cannot create the folder"),  # a file, not a folder
 ]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+def test_an_attention_whose_package_is_missing_is_a_user_error(tmp_path):
+    check_bad_input("grpo.py", ["--attn-implementation", "flash_attention_2"],
+                    "--attn-implementation flash_attention_2: not available here", tmp_path)
 
 
 def check_bad_input(script, args, names, tmp_path):
