@@ -100,14 +100,19 @@ def seed_everything(seed: int):
 
 
 def get_device(name: str = "auto") -> torch.device:
-    """`auto`: the GPU when there is one (under torchrun, the LOCAL_RANK-th), else the CPU."""
+    """`auto`: the GPU when there is one, else the CPU. `cuda` under torchrun: each process its LOCAL_RANK-th GPU."""
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     except RuntimeError:
-        raise UserError(f"--device {name}: not a device (auto, cpu, cuda or cuda:N)") from None
-    check(device.type != "cuda" or torch.cuda.is_available(), f"--device {name}: torch sees no CUDA device here")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = None
+    check(device is not None and device.type in ("cpu", "cuda"), f"--device {name}: not one of auto, cpu, cuda, cuda:N")
+    if device.type == "cuda":
+        check(torch.cuda.is_available(), f"--device {name}: torch sees no CUDA device here")
+        check(device.index is None or world_size() == 1,
+              f"--device {name}: under torchrun pass --device cuda (each process takes its LOCAL_RANK-th GPU)")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if device.index is None else device.index)
+        check(device.index < torch.cuda.device_count(),
+              f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s) here")
         torch.cuda.set_device(device)
     return device
 

@@ -35,7 +35,7 @@ class Args:
     preset: Literal["auto", "tiny", "paper"] = "auto"
     """where unset defaults come from: `auto` picks `tiny` for the embedded model, `paper` otherwise"""
     device: str = "auto"
-    """`cuda` when available, else `cpu`"""
+    """auto, cpu, cuda or cuda:N; `auto` is `cuda` when available, else `cpu`"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """compute dtype (`auto`: bf16 on CUDA, fp32 on the CPU); weights and optimizer states stay fp32"""
     attn_implementation: str = "sdpa"

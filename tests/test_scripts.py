@@ -56,7 +56,8 @@ def write(path, text):
 # flags every script shares; each script's own flags are checked in its own test file
 BAD_INPUT = [
     (["--model", "/no/such/model"], "--model /no/such/model: no such folder"),
-    (["--device", "gpu"], "--device gpu: not a device"),
+    (["--device", "gpu"], "--device gpu: not one of auto, cpu, cuda, cuda:N"),
+    (["--device", "mps"], "--device mps: not one of auto, cpu, cuda, cuda:N"),  # a device, but not one we run on
     (["--task", "poetry"], "--task"),
     (["--task", "jsonl:/no/such/file.jsonl"], "file not found"),
     (["--task", "jsonl:{bad_rows}"], "line 2"),
@@ -107,6 +108,19 @@ def test_bad_grpo_input(args, names, tmp_path):
 def test_cuda_without_a_gpu_is_a_user_error():
     with pytest.raises(common.UserError, match="--device cuda: torch sees no CUDA device here"):
         common.get_device("cuda")
+
+
+@pytest.mark.parametrize("name,world_size,message", [
+    ("cuda:2", "1", "--device cuda:2: torch sees 2 CUDA device(s) here"),  # GPUs 0 and 1
+    ("cuda:0", "2", "--device cuda:0: under torchrun pass --device cuda"),  # else every process would take GPU 0
+])
+def test_a_cuda_device_that_is_not_there_or_is_shared_by_processes_is_a_user_error(name, world_size, message,
+                                                                                  monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with 2 GPUs, as far as torch says
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    with pytest.raises(common.UserError, match=re.escape(message)):
+        common.get_device(name)
 
 
 def test_a_folder_that_holds_no_loadable_model_is_a_user_error_with_the_cause(tmp_path):
