@@ -421,6 +421,8 @@ def load_training_state(resume: str, script: str, models: dict, optimizers: dict
         raise UserError(f"--resume {path}: cannot read {TRAINING_STATE} ({_first_line(e)})")
     saved_by = state.get("script") if isinstance(state, dict) else "something else"
     check(saved_by == script, f"--resume {path}: a checkpoint of {saved_by}, not of {script}")
+    check("start_eval" in state.get("extra", {}), f"--resume {path}: written by an older version of {script}, which"
+          " saved less of the run: resume it with that version")
     check(state["world_size"] == world_size(),
           f"--resume {path}: saved by {state['world_size']} process(es), resumed with {world_size()}: use as many")
     step, folder = state["step"], Path(save_dir or path.parent)

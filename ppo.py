@@ -312,7 +312,7 @@ def main(args: Args):
         return {"eval/accuracy": accuracy, "eval/mean_length": length}
 
     def save(step):
-        extra = {"skipped_steps": skipped_steps, "skipped_in_a_row": skipped_in_a_row}
+        extra = {"skipped_steps": skipped_steps, "skipped_in_a_row": skipped_in_a_row, "start_eval": start_eval}
         path = common.save_training_state(args.save_dir, step, SCRIPT, tokenizer, models, optimizers, prompts, extra,
                                           args.keep_last)
         tqdm.write(f"saved {path}")
@@ -334,7 +334,7 @@ def main(args: Args):
                                                        args.num_steps)
         skipped_steps, skipped_in_a_row = extra["skipped_steps"], extra["skipped_in_a_row"]
     start_time = time.time()
-    start_eval = run_eval(start_step)
+    start_eval = extra["start_eval"] if args.resume else run_eval(0)  # a resumed run keeps its start's evaluation
     if not args.resume:
         common.log_metrics(args.save_dir, 0, {**start_eval, "perf/elapsed": 0.0}, track)
     num_prompts = args.num_prompts // common.world_size()  # this process's share of each rollout batch

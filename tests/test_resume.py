@@ -241,6 +241,41 @@ def test_skipped_steps_apart_do_not_stop_the_run_and_their_count_survives_a_resu
     assert resumed[2]["optim/skipped_steps"] == 1
 
 
+def test_skipped_steps_in_a_row_are_counted_across_a_resume(tmp_path, monkeypatch):
+    # --max-skipped 2: step 3 poisoned and saved (1 in a row), then the resumed run's step 4 poisoned too: 2 in a row,
+    # the run stops at step 4, as the unbroken run would
+    poison_rewards(monkeypatch, calls={2})
+    train("grpo.py", tmp_path, num_steps=3, max_skipped=2, save_every=3)
+    monkeypatch.undo()
+    poison_rewards(monkeypatch, calls={0})
+    with pytest.raises(common.UserError, match=r"stopping at step 4: 2 steps in a row"):
+        train("grpo.py", tmp_path, num_steps=6, max_skipped=2, save_every=3, resume=str(tmp_path / "step_3"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_resumed_run_keeps_its_start_evaluation(script, tmp_path, monkeypatch, capsys):
+    # the held-out evaluation of step 0 is saved with each checkpoint: a run resumed at step 2 evaluates only at its
+    # end (step 3), not its start again, and its last line reports the run's real start, step 0's accuracy
+    train(script, tmp_path, num_steps=2, save_every=2)
+    start = metrics(tmp_path)[0]["eval/accuracy"]
+    evaluations, evaluate = [], tasks.evaluate
+    monkeypatch.setattr(tasks, "evaluate", lambda *a, **k: evaluations.append(1) or evaluate(*a, **k))
+    capsys.readouterr()
+    logged = train(script, tmp_path, num_steps=3, resume=str(tmp_path / "step_2"))
+    assert len(evaluations) == 1 and "eval/accuracy" in logged[3]
+    end = logged[3]["eval/accuracy"]
+    assert f"held-out greedy accuracy: start {start:.3f} -> end {end:.3f}" in capsys.readouterr().out
+
+
+def test_a_checkpoint_from_before_the_start_evaluation_was_saved_is_a_user_error(tmp_path):
+    train("grpo.py", tmp_path, num_steps=1, save_every=1)
+    state = torch.load(tmp_path / "step_1" / common.TRAINING_STATE, weights_only=True)
+    del state["extra"]["start_eval"]  # as the code before this check wrote it
+    torch.save(state, tmp_path / "step_1" / common.TRAINING_STATE)
+    with pytest.raises(common.UserError, match="written by an older version of grpo.py"):
+        train("grpo.py", tmp_path, num_steps=2, resume=str(tmp_path / "step_1"))
+
+
 def test_dapo_trains_on_the_whole_groups_that_survive_its_filter(tmp_path, monkeypatch):
     # every generation round's task rewards are recorded; the rewards the advantages see must be, in order, the
     # groups of G rows whose rewards are not all equal, over the step's rounds, at most --num-prompts (4) of them
