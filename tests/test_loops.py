@@ -1,7 +1,7 @@
 """What each training loop hands its math functions: the temperature, the retained set, GAE's coefficients, the
 whitened advantages, the penalised score, the value loss's weight, a history free of NaN, when dynamic sampling
-stops. The math itself is tested on hand-computed cases in test_<script>.py; these short in-process runs check
-that `main` wires it as the papers say."""
+stops; and what the step's metrics describe. The math itself is tested on hand-computed cases in test_<script>.py;
+these short in-process runs check that `main` wires it as the papers say."""
 
 import pytest
 import torch
@@ -141,3 +141,26 @@ def test_dapo_stops_sampling_once_num_prompts_groups_survive(tmp_path, monkeypat
     for survivors in per_step:
         assert sum(survivors[:-1]) < 4 and (sum(survivors) >= 4 or len(survivors) == 10), per_step
     assert any(len(survivors) > 1 for survivors in per_step)  # some step needed more than one round
+
+
+@pytest.mark.parametrize("script", ["grpo.py", "gspo.py", "gfpo.py"])
+def test_step_metrics_describe_the_rollout(script, tmp_path, monkeypatch):
+    # one step of 8 prompts x 16 completions of up to 8 tokens: the logged reward, length, truncated share and share
+    # of groups with equal rewards are those of the sampled rollout; the entropy is the mean over its valid tokens
+    # (gfpo.py's is over the retained rows only: docs/gfpo.md), not over the padding past EOS
+    rollouts, rewards, generate = [], [], common.generate
+    monkeypatch.setattr(common, "generate", lambda *a, greedy=False, **k: generate(*a, greedy=greedy, **k) if greedy
+                        else rollouts.append(generate(*a, **k)) or rollouts[-1])
+    training_scores(monkeypatch, rewards)
+    logged = train(script, tmp_path, num_steps=1, num_prompts=8)[1]
+    (rollout,), (r,) = rollouts, rewards
+    equal_groups = sum(len(set(group.tolist())) == 1 for group in r.view(8, 16))
+    assert equal_groups != 4  # else counting the unequal groups instead would give the same share
+    assert logged["reward/mean"] == pytest.approx(r.mean().item())
+    assert logged["completion/mean_length"] == pytest.approx(rollout.lengths.float().mean().item())
+    assert logged["completion/truncated_frac"] == pytest.approx(rollout.truncated.float().mean().item())
+    assert logged["groups/zero_std_frac"] == pytest.approx(equal_groups / 8)
+    assert 0 < rollout.truncated.float().mean() < 1  # some rows end early: their padding must not count below
+    if script != "gfpo.py":
+        valid = rollout.completion_mask.bool()
+        assert logged["policy/entropy"] == pytest.approx(rollout.entropy[valid].mean().item(), rel=1e-5)
