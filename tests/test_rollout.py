@@ -1,11 +1,24 @@
 """Rollout plumbing in common.py: completion masks, left padding, chunked log-probs."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import common
+
+
+@pytest.mark.parametrize("generation_eos,tokenizer_eos,expected", [
+    ([2, 7], 7, [2, 7]),  # a chat model's generation config lists the tokenizer's EOS and its end-of-turn token
+    ([2], 7, [2, 7]),  # the tokenizer's EOS added
+    (2, 7, [2, 7]),  # a single id, not a list
+    (None, 7, [7]),
+    ([2], None, [2]),
+])
+def test_eos_token_ids_joins_the_generation_config_and_the_tokenizer(generation_eos, tokenizer_eos, expected):
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=generation_eos))
+    assert common.eos_token_ids(model, SimpleNamespace(eos_token_id=tokenizer_eos)) == expected
 
 
 def test_completion_mask_from_positions():
