@@ -355,12 +355,12 @@ def save_training_state(save_dir, step: int, script: str, tokenizer, models: dic
     RNG states, the prompt stream, `extra`). It is written to a temporary folder, flushed to disk and renamed into
     place, so a kill or a crash during a save leaves the previous checkpoints as they were; the newest `keep_last`
     are kept (0: all). Weights that are not finite are never written. Every process calls this; rank 0 writes."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     check(all_finite(*[getattr(p, "to_local", lambda p=p: p)() for m in models.values() for p in m.parameters()]),
           f"not saving step {step}: the weights hold NaN or inf")
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered whole on rank 0
-    model_states = {k: get_model_state_dict(m, options=options) if is_sharded(m) else None for k, m in models.items()}
+    model_states = {k: _gathered_weights(m, options) if is_sharded(m) else None for k, m in models.items()}
     optimizer_states = {k: get_optimizer_state_dict(models[k], opt, options=options) if is_sharded(models[k])
                         else opt.state_dict() for k, opt in optimizers.items()}
     rng = [rng_state()] * world_size()
@@ -403,6 +403,15 @@ def find_checkpoint(resume: str) -> Path:
     found = [path] if (path / TRAINING_STATE).is_file() else checkpoints(path)
     check(bool(found), f"--resume {resume}: not a checkpoint (no {TRAINING_STATE}) and holds no step_N checkpoint")
     return found[-1]
+
+
+def _gathered_weights(model, options) -> dict:
+    """A sharded model's full state dict without the second name of a tied weight (an LM head tied to the
+    embedding): gathered, the two are separate tensors, and save_pretrained would write both."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    second = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    return {name: t for name, t in get_model_state_dict(model, options=options).items() if name not in second}
 
 
 def load_training_state(resume: str, script: str, models: dict, optimizers: dict, prompts, save_dir=None,

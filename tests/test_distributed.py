@@ -40,6 +40,8 @@ def test_two_processes_train_and_save_a_checkpoint_that_loads_back(script, tmp_p
     full = dict(saved.named_parameters())
     assert all(full[name].shape == tensor.shape for name, tensor in initial.items())  # whole, not one shard
     assert any(not torch.equal(full[name], tensor) for name, tensor in initial.items())
+    # the LM head is tied to the embedding: written once, as a single process and the shipped model write it
+    assert load_file(tmp_path / "step_2" / "model.safetensors").keys() == initial.keys()
     logged = (tmp_path / common.METRICS_FILE).read_text().splitlines()
     assert [json.loads(line)["step"] for line in logged] == [0, 1, 2]  # rank 0 alone writes (0: the start eval)
 
