@@ -51,9 +51,11 @@ LAST = 10  # "final" reward, length and truncated fraction: the mean over the la
 
 
 def summary(rows: list[dict], wall: float) -> dict:
+    """The last 10 steps are the run's last 10 by number: a DAPO step in which no group survived logs no completion
+    metrics and is left out of the mean, not replaced by an earlier step."""
     evals = [r for r in rows if "eval/accuracy" in r]
     steps = [r for r in rows if "completion/mean_length" in r]
-    last = steps[-LAST:]
+    last = [r for r in steps if r["step"] > rows[-1]["step"] - LAST]
     return dict(start=evals[0]["eval/accuracy"], end=evals[-1]["eval/accuracy"],
                 eval_length_start=evals[0]["eval/mean_length"], eval_length=evals[-1]["eval/mean_length"],
                 reward=sum(r["reward/mean"] for r in last) / len(last),

@@ -51,7 +51,8 @@ def timed_generate(fn):
     signature = inspect.signature(fn)
 
     def wrapper(*args, **kwargs):
-        greedy = signature.bind(*args, **kwargs).arguments.get("greedy", False)
+        bound = signature.bind(*args, **kwargs).arguments
+        greedy = bound.get("greedy", False)
         t0 = now()
         rollout = fn(*args, **kwargs)
         t1 = now()
@@ -63,7 +64,7 @@ def timed_generate(fn):
                 "generate": t1 - t0,
                 "completions": int(rollout.completion_ids.shape[0]),
                 "mean_length": rollout.lengths.float().mean().item(),
-                "max_new_tokens": int(rollout.completion_ids.shape[1]),
+                "max_new_tokens": bound["max_new_tokens"],  # asked for: the rollout is cut to its longest row
                 "prompt_len": int(rollout.prompt_len),
             })
         return rollout
