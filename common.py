@@ -424,8 +424,8 @@ def load_training_state(resume: str, script: str, models: dict, optimizers: dict
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     path = find_checkpoint(resume)
-    try:
-        state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
+    try:  # mapped by the other processes, which never read its optimizer states (the first sends their shards)
+        state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True, mmap=rank() > 0)
     except Exception as e:  # a truncated or foreign file
         raise UserError(f"--resume {path}: cannot read {TRAINING_STATE} ({_first_line(e)})")
     saved_by = state.get("script") if isinstance(state, dict) else "something else"
@@ -452,13 +452,14 @@ def load_training_state(resume: str, script: str, models: dict, optimizers: dict
         for name, model in models.items():
             # from_pretrained, then copy: it resolves tied weights and sharded files like any hub model
             weights = type(model).from_pretrained(path if name == "policy" else path / name, dtype=torch.float32,
-                                                  use_kernels=False)  # as in _from_pretrained
-            if is_sharded(model):  # every process takes its shard of the full state dicts
-                options = StateDictOptions(full_state_dict=True)
-                set_model_state_dict(model, weights.state_dict(), options=options)
-                set_optimizer_state_dict(model, optimizers[name], state["optimizers"][name], options=options)
+                                                  use_kernels=False).state_dict() if rank() == 0 else {}
+            if is_sharded(model):  # the first process alone holds the full state dicts and sends the others' shards
+                options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+                set_model_state_dict(model, weights, options=options)
+                set_optimizer_state_dict(model, optimizers[name], state["optimizers"][name] if rank() == 0 else {},
+                                         options=options)
             else:
-                model.load_state_dict(weights.state_dict())
+                model.load_state_dict(weights)
                 optimizers[name].load_state_dict(state["optimizers"][name])
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise UserError(f"--resume {path}: does not fit this model and these flags ({_first_line(e)})")

@@ -1,9 +1,10 @@
-"""Run by test_distributed.py as `torchrun --nproc_per_node 2 tests/distributed_check.py` (not a pytest file).
+"""Run by test_distributed.py as `torchrun --nproc_per_node 2 tests/distributed_check.py FOLDER` (not a pytest file).
 
 First, FSDP2 as the scripts use it: a loaded model is never whole on a process after sharding (nor after
-generating or training), and one `generate` call all-gathers each sharded module's parameters once, not once per
-token. Then, for one fixed global batch, every script's accumulate_gradients, with the batch split over the processes and
-the model sharded by FSDP2 (gloo, CPU), must give the gradient that one process gets on the whole batch. The
+generating or training), one `generate` call all-gathers each sharded module's parameters once, not once per
+token, and a resume reads the checkpoint's full state dicts on the first process alone. Then, for one fixed global
+batch, every script's accumulate_gradients, with the batch split over the processes and the model sharded by
+FSDP2 (gloo, CPU), must give the gradient that one process gets on the whole batch. The
 batch has completions of unequal lengths, so a token-mean normalised per process instead of globally
 (DAPO's, GFPO's, PPO's) would give a different gradient; off-policy old log-probs make the clipping live.
 """
@@ -26,6 +27,7 @@ import gfpo  # noqa: E402
 import grpo  # noqa: E402
 import gspo  # noqa: E402
 import ppo  # noqa: E402
+import tasks  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -79,6 +81,50 @@ def check_sharding(tokenizer):
     print(f"ok sharding ({len(calls)} all-gathers for {rollout.completion_ids.shape[1]} tokens)")
 
 
+def check_resume(folder, tokenizer):
+    """Resuming under FSDP2, the second process reads neither the weights nor the optimizer states whole: the first
+    sends it its shards, and both end with the values that were saved."""
+    from torch.distributed.checkpoint import state_dict as dcp
+
+    def trained_model():
+        model = common.load_model("tiny", CPU)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+
+    def values(model, optimizer):
+        return [common._local(t).clone() for t in list(model.parameters()) + [
+            v for state in optimizer.state.values() for v in state.values() if v.dim() > 0]]
+
+    model, optimizer = trained_model()
+    model(input_ids=torch.tensor([[17, 18, 19]])).logits.square().mean().backward()
+    optimizer.step()
+    prompts = tasks.PromptStream([{"prompt": "1+2=", "answer": 3}], seed=0)
+    common.save_training_state(folder, 1, "check", tokenizer, {"policy": model}, {"policy": optimizer}, prompts,
+                               extra={"start_eval": (0.5, 4.0)})
+    fresh, fresh_optimizer = trained_model()
+    sent, set_optimizer_state_dict = [], dcp.set_optimizer_state_dict
+
+    def recorded(model, optimizer, state, options):
+        sent.append(len(state))  # "state" and "param_groups", or nothing
+        return set_optimizer_state_dict(model, optimizer, state, options=options)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the second process read the weights")
+
+    dcp.set_optimizer_state_dict, from_pretrained = recorded, type(fresh).from_pretrained
+    if common.rank() == 1:
+        type(fresh).from_pretrained = refused
+    try:
+        common.load_training_state(str(folder / "step_1"), "check", {"policy": fresh}, {"policy": fresh_optimizer},
+                                   prompts)
+    finally:
+        dcp.set_optimizer_state_dict, type(fresh).from_pretrained = set_optimizer_state_dict, from_pretrained
+    assert sent == ([2] if common.rank() == 0 else [0]), sent
+    assert not [line for line in open("/proc/self/maps") if common.TRAINING_STATE in line]  # let go of the file
+    for got, want in zip(values(fresh, fresh_optimizer), values(model, optimizer), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    print("ok resume")
+
+
 def main():
     rank = common.init_distributed(CPU)
     world = common.world_size()
@@ -86,6 +132,7 @@ def main():
     torch.manual_seed(0)  # the same batch and tensors on both processes
     tokenizer = common.load_tokenizer("tiny")
     check_sharding(tokenizer)
+    check_resume(Path(sys.argv[1]), tokenizer)
     # whole models (common.load_model would shard them under torchrun), each process with the same weights
     initial = common.prepare(AutoModelForCausalLM.from_pretrained(common.TINY_MODEL), gradient_checkpointing=False)
     initial_critic = common.prepare(AutoModelForTokenClassification.from_pretrained(common.TINY_MODEL, num_labels=1),

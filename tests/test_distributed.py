@@ -20,11 +20,11 @@ def torchrun(*args, timeout=600):
     )
 
 
-def test_sharded_gradients_equal_one_process():
-    result = torchrun(ROOT / "tests" / "distributed_check.py")
+def test_sharded_gradients_equal_one_process(tmp_path):
+    result = torchrun(ROOT / "tests" / "distributed_check.py", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [line.split(" (")[0] for line in result.stdout.splitlines() if line.startswith("ok")] == [
-        "ok sharding", "ok grpo", "ok dapo", "ok gspo", "ok gfpo", "ok ppo"
+        "ok sharding", "ok resume", "ok grpo", "ok dapo", "ok gspo", "ok gfpo", "ok ppo"
     ]
 
 
