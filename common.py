@@ -65,8 +65,9 @@ def check_batches(args, per_prompt: int, per_prompt_flag: str, world_size: int):
           f" (--num-prompts x {per_prompt_flag} / processes)")
     minibatch = batch // args.num_minibatches
     micro = minibatch if args.micro_batch_size is None else args.micro_batch_size
+    given = " (yours, or the paper preset's)" if args.preset == "paper" else ""  # that preset sets one
     check(micro >= 1 and minibatch % micro == 0,
-          f"--micro-batch-size {args.micro_batch_size}: must divide the minibatch of {minibatch} completions")
+          f"--micro-batch-size {args.micro_batch_size}{given}: must divide the minibatch of {minibatch} completions")
 
 
 def check_save_dir(args):

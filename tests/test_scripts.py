@@ -74,6 +74,19 @@ BAD_INPUT = [
 ]
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_paper_presets_micro_batch_is_named_as_such(script):
+    from test_resume import module
+
+    per_prompt = {"ppo.py": "samples_per_prompt", "gfpo.py": "k"}.get(script, "group_size")
+    args = module(script).resolve_args(
+        module(script).Args(preset="paper", num_prompts=2, num_minibatches=1, **{per_prompt: 3}))
+    # 2 prompts x 3 completions in one minibatch of 6, which the preset's 8 rows a micro-batch do not divide
+    with pytest.raises(common.UserError, match=r"^--micro-batch-size 8 \(yours, or the paper preset's\): must divide"
+                                               r" the minibatch of 6 completions$"):
+        module(script).validate_args(args)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
 def test_an_attention_whose_package_is_missing_is_a_user_error(tmp_path):
     check_bad_input("grpo.py", ["--attn-implementation", "flash_attention_2"],
