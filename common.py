@@ -362,8 +362,8 @@ def save_training_state(save_dir, step: int, script: str, tokenizer, models: dic
           f"not saving step {step}: the weights hold NaN or inf")
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered whole on rank 0
     model_states = {k: _gathered_weights(m, options) if is_sharded(m) else None for k, m in models.items()}
-    optimizer_states = {k: get_optimizer_state_dict(models[k], opt, options=options) if is_sharded(models[k])
-                        else opt.state_dict() for k, opt in optimizers.items()}
+    # keyed by parameter name, sharded or not: a run can resume in another precision (fp32 on a CPU, bf16 on a GPU)
+    optimizer_states = {k: get_optimizer_state_dict(models[k], opt, options=options) for k, opt in optimizers.items()}
     rng = [rng_state()] * world_size()
     if world_size() > 1:  # every process's RNG states, so that each resumes its own stream
         dist.all_gather_object(rng, rng_state())
@@ -431,8 +431,9 @@ def load_training_state(resume: str, script: str, models: dict, optimizers: dict
         raise UserError(f"--resume {path}: cannot read {TRAINING_STATE} ({_first_line(e)})")
     saved_by = state.get("script") if isinstance(state, dict) else "something else"
     check(saved_by == script, f"--resume {path}: a checkpoint of {saved_by}, not of {script}")
-    check("start_eval" in state.get("extra", {}), f"--resume {path}: written by an older version of {script}, which"
-          " saved less of the run: resume it with that version")
+    check("start_eval" in state.get("extra", {}) and all(isinstance(key, str) for optimizer in
+          state["optimizers"].values() for key in optimizer["state"]),
+          f"--resume {path}: written by an older version of {script}: resume it with that version")
     check(state["world_size"] == world_size(),
           f"--resume {path}: saved by {state['world_size']} process(es), resumed with {world_size()}: use as many")
     step, folder = state["step"], Path(save_dir or path.parent)
@@ -454,14 +455,11 @@ def load_training_state(resume: str, script: str, models: dict, optimizers: dict
             # from_pretrained, then copy: it resolves tied weights and sharded files like any hub model
             weights = type(model).from_pretrained(path if name == "policy" else path / name, dtype=torch.float32,
                                                   use_kernels=False).state_dict() if rank() == 0 else {}
-            if is_sharded(model):  # the first process alone holds the full state dicts and sends the others' shards
-                options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-                set_model_state_dict(model, weights, options=options)
-                set_optimizer_state_dict(model, optimizers[name], state["optimizers"][name] if rank() == 0 else {},
-                                         options=options)
-            else:
-                model.load_state_dict(weights)
-                optimizers[name].load_state_dict(state["optimizers"][name])
+            # the first process alone holds the full state dicts; under FSDP it sends every process its shards
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=is_sharded(model))
+            set_model_state_dict(model, weights, options=options)
+            set_optimizer_state_dict(model, optimizers[name], state["optimizers"][name] if rank() == 0 else {},
+                                     options=options)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise UserError(f"--resume {path}: does not fit this model and these flags ({_first_line(e)})")
     prompts.load_state_dict(state["prompts"])

@@ -267,10 +267,32 @@ def test_a_resumed_run_keeps_its_start_evaluation(script, tmp_path, monkeypatch,
     assert f"held-out greedy accuracy: start {start:.3f} -> end {end:.3f}" in capsys.readouterr().out
 
 
-def test_a_checkpoint_from_before_the_start_evaluation_was_saved_is_a_user_error(tmp_path):
+@pytest.mark.parametrize("script", ["grpo.py", "ppo.py"])
+@pytest.mark.parametrize("saved, resumed", [("fp32", "bf16"), ("bf16", "fp32")])
+def test_a_run_resumes_in_the_other_precision_with_its_optimizer_states(script, saved, resumed, tmp_path):
+    # saved by one process in fp32 (plain model) or bf16 (FSDP2), resumed in the other: every AdamW state is
+    # restored, so one more training step ends with twice the step count of step 1 (a fresh state would give it once)
+    train(script, tmp_path, num_steps=1, save_every=1, precision=saved)
+    train(script, tmp_path, num_steps=2, save_every=1, precision=resumed, resume=str(tmp_path / "step_1"))
+    states = [torch.load(tmp_path / f"step_{n}" / common.TRAINING_STATE, weights_only=True)["optimizers"]
+              for n in (1, 2)]
+    for optimizer in states[0]:
+        assert states[1][optimizer]["state"].keys() == states[0][optimizer]["state"].keys()
+        for key, first in states[0][optimizer]["state"].items():
+            assert states[1][optimizer]["state"][key]["step"] == 2 * first["step"], (optimizer, key)
+
+
+def older_format(state):  # as a plain model's were saved before: keyed by parameter index, not name
+    for optimizer in state["optimizers"].values():
+        names = list(optimizer["state"])
+        optimizer["state"] = {names.index(name): value for name, value in optimizer["state"].items()}
+
+
+@pytest.mark.parametrize("older", [lambda state: state["extra"].pop("start_eval"), older_format])
+def test_a_checkpoint_of_an_older_version_is_a_user_error(older, tmp_path):
     train("grpo.py", tmp_path, num_steps=1, save_every=1)
     state = torch.load(tmp_path / "step_1" / common.TRAINING_STATE, weights_only=True)
-    del state["extra"]["start_eval"]  # as the code before this check wrote it
+    older(state)  # no start evaluation, or optimizer states keyed by parameter index
     torch.save(state, tmp_path / "step_1" / common.TRAINING_STATE)
     with pytest.raises(common.UserError, match="written by an older version of grpo.py"):
         train("grpo.py", tmp_path, num_steps=2, resume=str(tmp_path / "step_1"))
