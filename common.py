@@ -362,8 +362,10 @@ def save_training_state(save_dir, step: int, script: str, tokenizer, models: dic
           f"not saving step {step}: the weights hold NaN or inf")
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered whole on rank 0
     model_states = {k: _gathered_weights(m, options) if is_sharded(m) else None for k, m in models.items()}
-    # keyed by parameter name, sharded or not: a run can resume in another precision (fp32 on a CPU, bf16 on a GPU)
-    optimizer_states = {k: get_optimizer_state_dict(models[k], opt, options=options) for k, opt in optimizers.items()}
+    # keyed by parameter name, sharded or not: a run can resume in another precision (fp32 on a CPU, bf16 on a GPU);
+    # none before the first update (torch would make them with a step at lr 0, and saving would change the run)
+    optimizer_states = {k: get_optimizer_state_dict(models[k], opt, options=options) if opt.state else
+                        {"state": {}, "param_groups": []} for k, opt in optimizers.items()}
     rng = [rng_state()] * world_size()
     if world_size() > 1:  # every process's RNG states, so that each resumes its own stream
         dist.all_gather_object(rng, rng_state())
@@ -442,6 +444,10 @@ def load_training_state(resume: str, script: str, models: dict, optimizers: dict
     check(not later, f"--resume {path}: {folder} holds later checkpoints ({', '.join(later)}): resume from the newest"
           " or give another --save-dir")
     for name, optimizer in optimizers.items():  # the checkpoint's would silently win over this run's flags
+        shapes = {key: next((tuple(t.shape) for t in value.values() if t.dim() > 0), None)
+                  for key, value in state["optimizers"][name]["state"].items()}  # metadata: read on every process
+        check(not shapes or shapes == {key: tuple(p.shape) for key, p in models[name].named_parameters()},
+              f"--resume {path}: its {name} has other weights than this --model's")
         flags = {"lr": f"--{'critic-' if name == 'critic' else ''}learning-rate", "weight_decay": "--weight-decay"}
         for saved, group in zip(state["optimizers"][name]["param_groups"], optimizer.param_groups):
             for key, flag in flags.items():
@@ -451,15 +457,14 @@ def load_training_state(resume: str, script: str, models: dict, optimizers: dict
     check(rows == len(prompts.rows), f"--resume {path}: trained on a task of {rows} training rows, this --task has"
           f" {len(prompts.rows)}: resume with the same --task")
     try:
-        for name, model in models.items():
-            # from_pretrained, then copy: it resolves tied weights and sharded files like any hub model
+        for name, model in models.items():  # from_pretrained, then copy: tied weights, sharded files as on the hub
             weights = type(model).from_pretrained(path if name == "policy" else path / name, dtype=torch.float32,
-                                                  use_kernels=False).state_dict() if rank() == 0 else {}
-            # the first process alone holds the full state dicts; under FSDP it sends every process its shards
-            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=is_sharded(model))
-            set_model_state_dict(model, weights, options=options)
-            set_optimizer_state_dict(model, optimizers[name], state["optimizers"][name] if rank() == 0 else {},
-                                     options=options)
+                                                  use_kernels=False)  # every process, for its shard
+            set_model_state_dict(model, weights.state_dict(), options=StateDictOptions(full_state_dict=True))
+            if state["optimizers"][name]["state"]:  # the first process alone reads the (2x larger) optimizer states
+                options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=is_sharded(model))
+                set_optimizer_state_dict(model, optimizers[name], state["optimizers"][name] if rank() == 0 else {},
+                                         options=options)  # under FSDP it sends each process its shards
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise UserError(f"--resume {path}: does not fit this model and these flags ({_first_line(e)})")
     prompts.load_state_dict(state["prompts"])

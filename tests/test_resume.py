@@ -269,17 +269,66 @@ def test_a_resumed_run_keeps_its_start_evaluation(script, tmp_path, monkeypatch,
 
 @pytest.mark.parametrize("script", ["grpo.py", "ppo.py"])
 @pytest.mark.parametrize("saved, resumed", [("fp32", "bf16"), ("bf16", "fp32")])
-def test_a_run_resumes_in_the_other_precision_with_its_optimizer_states(script, saved, resumed, tmp_path):
-    # saved by one process in fp32 (plain model) or bf16 (FSDP2), resumed in the other: every AdamW state is
-    # restored, so one more training step ends with twice the step count of step 1 (a fresh state would give it once)
+def test_a_run_resumes_in_the_other_precision_with_every_weight_and_optimizer_state(script, saved, resumed, tmp_path):
+    # saved by one process in fp32 (a plain model) or bf16 (FSDP2), loaded in the other: each weight and each AdamW
+    # step count and moment is the saved one, exactly
     train(script, tmp_path, num_steps=1, save_every=1, precision=saved)
-    train(script, tmp_path, num_steps=2, save_every=1, precision=resumed, resume=str(tmp_path / "step_1"))
-    states = [torch.load(tmp_path / f"step_{n}" / common.TRAINING_STATE, weights_only=True)["optimizers"]
-              for n in (1, 2)]
-    for optimizer in states[0]:
-        assert states[1][optimizer]["state"].keys() == states[0][optimizer]["state"].keys()
-        for key, first in states[0][optimizer]["state"].items():
-            assert states[1][optimizer]["state"][key]["step"] == 2 * first["step"], (optimizer, key)
+    args = module(script).resolve_args(module(script).Args(precision=resumed))
+    dtype, cpu = torch.bfloat16 if resumed == "bf16" else torch.float32, torch.device("cpu")
+    models = {"policy": common.load_model("tiny", cpu, dtype)}
+    if script == "ppo.py":
+        models["critic"] = common.load_critic("tiny", cpu, dtype)
+    lr = {"policy": args.learning_rate, "critic": getattr(args, "critic_learning_rate", None)}
+    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=lr[name], weight_decay=args.weight_decay)
+                  for name, model in models.items()}
+    prompts = tasks.PromptStream(tasks.load_task(args.task).train, 0)
+    common.load_training_state(str(tmp_path / "step_1"), script, models, optimizers, prompts)
+    saved_weights = weights(tmp_path / "step_1")
+    saved_states = torch.load(tmp_path / "step_1" / common.TRAINING_STATE, weights_only=True)["optimizers"]
+    for name, model in models.items():
+        folder = "" if name == "policy" else f"{name}/"
+        for key, parameter in model.named_parameters():
+            torch.testing.assert_close(common._local(parameter), saved_weights[f"{folder}model.safetensors:{key}"],
+                                       rtol=0, atol=0)
+            state = optimizers[name].state[parameter]
+            assert state.keys() == saved_states[name]["state"][key].keys() == {"step", "exp_avg", "exp_avg_sq"}
+            for what, value in state.items():
+                torch.testing.assert_close(common._local(value), saved_states[name]["state"][key][what], rtol=0,
+                                           atol=0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_save_before_the_first_update_changes_nothing(precision, tmp_path, monkeypatch):
+    # step 1's update is skipped (NaN rewards), so the save after it finds no optimizer state yet: the run that saves
+    # every step ends with the weights of the one that saves only at the end (torch's way of getting a fresh
+    # optimizer's states takes an AdamW step at lr 0, which made the next update's bias correction another)
+    poison_rewards(monkeypatch, calls=[0])
+    train("grpo.py", tmp_path / "every", num_steps=3, save_every=1, keep_last=0, precision=precision)
+    poison_rewards(monkeypatch, calls=[0])
+    train("grpo.py", tmp_path / "end", num_steps=3, save_every=3, precision=precision)
+    assert_same_weights(tmp_path / "every" / "step_3", tmp_path / "end" / "step_3")
+    monkeypatch.undo()  # and resumed from that save, the run goes on as if unbroken
+    (tmp_path / "resumed").mkdir()
+    (tmp_path / "every" / "step_1").rename(tmp_path / "resumed" / "step_1")
+    train("grpo.py", tmp_path / "resumed", num_steps=3, save_every=3, precision=precision,
+          resume=str(tmp_path / "resumed" / "step_1"))
+    assert_same_weights(tmp_path / "resumed" / "step_3", tmp_path / "end" / "step_3")
+
+
+def test_a_checkpoint_of_another_model_is_a_user_error(tmp_path):
+    # a Qwen2 model with the tiny model's shapes has q, k and v biases besides: from_pretrained would drop them
+    # without an error, and the optimizer states with them
+    from transformers import AutoConfig, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    keep = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+            "vocab_size", "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id",
+            "pad_token_id")
+    tiny = AutoConfig.from_pretrained(common.TINY_MODEL).to_dict()
+    Qwen2ForCausalLM(Qwen2Config(**{k: tiny[k] for k in keep})).save_pretrained(tmp_path / "qwen2")
+    AutoTokenizer.from_pretrained(common.TINY_MODEL).save_pretrained(tmp_path / "qwen2")
+    train("grpo.py", tmp_path / "run", num_steps=1, save_every=1, model=str(tmp_path / "qwen2"), preset="tiny")
+    with pytest.raises(common.UserError, match="its policy has other weights than this --model's"):
+        train("grpo.py", tmp_path / "run", num_steps=2, resume=str(tmp_path / "run" / "step_1"))
 
 
 def older_format(state):  # as a plain model's were saved before: keyed by parameter index, not name
