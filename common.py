@@ -382,7 +382,7 @@ def save_training_state(save_dir, step: int, script: str, tokenizer, models: dic
                         "rng": rng, "prompts": prompts.state_dict(), "extra": extra or {}}, tmp / TRAINING_STATE)
             metrics = Path(save_dir) / METRICS_FILE  # the rows logged up to this step go to disk with it
             _flush_to_disk(*sorted(tmp.rglob("*")), tmp, *[metrics] * metrics.is_file())  # then the rename shows them
-        except OSError as e:  # a full disk, say: the half-written folder goes, the older checkpoints stay
+        except (OSError, SafetensorError) as e:  # a full disk: the half-written folder goes, the older ones stay
             shutil.rmtree(tmp, ignore_errors=True)
             raise UserError(f"cannot save step {step} in {save_dir} ({_first_line(e)}); the checkpoints saved before"
                             " are intact")

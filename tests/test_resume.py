@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import common
@@ -482,6 +484,17 @@ def test_keep_last_and_a_save_that_dies_halfway(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(common.UserError, match=re.escape(
             f"cannot save step 5 in {tmp_path / 'two'} ([Errno 28] No space left on device); the checkpoints saved")):
+        train("grpo.py", tmp_path / "two", num_steps=5, resume=str(tmp_path / "two"), save_every=1, keep_last=2)
+    assert sorted(p.name for p in (tmp_path / "two").glob("step_*")) == ["step_3", "step_4"]
+
+    # the same while the weights are written, which safetensors reports as its own error, not an OSError
+    def weights_disk_full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.undo()
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", weights_disk_full)
+    with pytest.raises(common.UserError, match=re.escape(f"cannot save step 5 in {tmp_path / 'two'} (Error while"
+                                                         " serializing: I/O error: No space left on device")):
         train("grpo.py", tmp_path / "two", num_steps=5, resume=str(tmp_path / "two"), save_every=1, keep_last=2)
     assert sorted(p.name for p in (tmp_path / "two").glob("step_*")) == ["step_3", "step_4"]
 
