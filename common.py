@@ -444,10 +444,10 @@ def load_training_state(resume: str, script: str, models: dict, optimizers: dict
     check(not later, f"--resume {path}: {folder} holds later checkpoints ({', '.join(later)}): resume from the newest"
           " or give another --save-dir")
     for name, optimizer in optimizers.items():  # the checkpoint's would silently win over this run's flags
-        shapes = {key: next((tuple(t.shape) for t in value.values() if t.dim() > 0), None)
-                  for key, value in state["optimizers"][name]["state"].items()}  # metadata: read on every process
-        check(not shapes or shapes == {key: tuple(p.shape) for key, p in models[name].named_parameters()},
-              f"--resume {path}: its {name} has other weights than this --model's")
+        saved, own = state["optimizers"][name], {key: tuple(p.shape) for key, p in models[name].named_parameters()}
+        names = {key for group in saved["param_groups"] for key in group["params"]}  # with a state yet or not
+        check(names in (set(), own.keys()) and all(own[key] == next(tuple(t.shape) for t in value.values() if t.dim())
+              for key, value in saved["state"].items()), f"--resume {path}: its {name} has other weights than --model")
         flags = {"lr": f"--{'critic-' if name == 'critic' else ''}learning-rate", "weight_decay": "--weight-decay"}
         for saved, group in zip(state["optimizers"][name]["param_groups"], optimizer.param_groups):
             for key, flag in flags.items():
